@@ -139,7 +139,7 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
     blocks = layout.block_list(model)
     device = torch.device(device) if device else next(model.parameters()).device
     dtype = next(blocks[0].parameters()).dtype
-    _check_layers(blocks, layout, config)
+    check_layers(blocks, layout, config)
     inputs = capture_block_inputs(model, blocks[0], calibration)
     results: dict[str, QuantizedWeight] = {}
     rows: list[dict] = []
@@ -197,7 +197,7 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
     return results, report
 
 
-def _check_layers(blocks, layout: ModelLayout, config: QuantizeConfig) -> None:
+def check_layers(blocks, layout: ModelLayout, config: QuantizeConfig) -> None:
     """Fail before any heavy work if a Linear is missing or cannot be stored with these options."""
     for index, block in enumerate(blocks):
         for name in layout.linear_names():
@@ -274,6 +274,7 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
     else:
         model, tokenizer = model_or_path, None
     layout = layout_for(model)
+    check_layers(layout.block_list(model), layout, config)
     if calibration is None:
         seq_len = config.seq_len
         limit = context_length(model)
