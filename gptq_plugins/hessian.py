@@ -1,0 +1,71 @@
+"""Accumulation of GPTQ's layer Hessian `H = 2/N sum_t x_t x_t^T` from calibration inputs."""
+
+from __future__ import annotations
+
+import torch
+
+# H is symmetric: each `add` computes only the row strips on and right of the diagonal, which
+# costs (k+1)/2k of a full product for k strips (53% for 4096 inputs) at one GEMM per strip.
+# 256 measured best from 1024 to 4096 inputs: narrower strips make GEMMs less efficient.
+STRIP_COLUMNS = 256
+
+
+class HessianAccumulator:
+    """Running Hessian of one Linear's inputs, fed batch by batch from a calibration loop.
+
+    It keeps the running *mean* of `x x^T` (rescaled by n/(n+m) inside the GEMM) so values stay
+    at the magnitude of one token's outer product however many tokens are seen, and it always
+    accumulates in float32 whatever the inputs' dtype.
+
+    `matmul_dtype=torch.bfloat16` rounds the inputs and each batch's product to bfloat16 before
+    adding it to the float32 mean: about 2x faster where bfloat16 GEMMs are (AVX512-BF16/AMX
+    CPUs, GPUs), much slower where they are emulated; see benchmarks/solver.py for its error.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None, *,
+                 matmul_dtype: torch.dtype = torch.float32):
+        if matmul_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"matmul_dtype must be torch.float32 or torch.bfloat16, got {matmul_dtype}")
+        self.in_features = in_features
+        self.matmul_dtype = matmul_dtype
+        self.num_tokens = 0
+        self._device = device  # None: the device of the first inputs
+        self._mean_upper: torch.Tensor | None = None  # upper triangle of mean(x x^T)
+
+    def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add the tokens of `x [..., in_features]`; `mask [...]` (0/1) drops padding tokens."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"inputs must have last dimension in_features={self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
+        tokens = x.reshape(-1, self.in_features)
+        if mask is not None:
+            if mask.shape != x.shape[:-1]:
+                raise ValueError(f"mask must have the shape of the inputs without their last "
+                                 f"dimension, {tuple(x.shape[:-1])}, got {tuple(mask.shape)}")
+            tokens = tokens[mask.reshape(-1).to(device=tokens.device, dtype=torch.bool)]
+        if tokens.shape[0] == 0:
+            return
+        mean_upper = self._buffer(tokens.device)
+        tokens = tokens.to(device=mean_upper.device, dtype=self.matmul_dtype)
+        total = self.num_tokens + tokens.shape[0]
+        keep, scale = self.num_tokens / total, 1.0 / total
+        for c0 in range(0, self.in_features, STRIP_COLUMNS):
+            c1 = c0 + STRIP_COLUMNS
+            strip = mean_upper[c0:c1, c0:]
+            if self.matmul_dtype == torch.float32:
+                strip.addmm_(tokens[:, c0:c1].T, tokens[:, c0:], beta=keep, alpha=scale)
+            else:  # no mixed-dtype addmm: the bfloat16 product is added to the float32 mean
+                strip.mul_(keep).add_(tokens[:, c0:c1].T @ tokens[:, c0:], alpha=scale)
+        self.num_tokens = total
+
+    def hessian(self) -> torch.Tensor:
+        """float32 `[in, in]` equal to `2/N sum x x^T` over the N tokens added (zeros if none)."""
+        mean_upper = self._buffer(self._device or "cpu")
+        return 2 * (mean_upper.triu() + mean_upper.triu(1).T)
+
+    def _buffer(self, fallback_device) -> torch.Tensor:
+        if self._mean_upper is None:
+            device = self._device if self._device is not None else fallback_device
+            self._mean_upper = torch.zeros(self.in_features, self.in_features,
+                                           dtype=torch.float32, device=device)
+        return self._mean_upper
