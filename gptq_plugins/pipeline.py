@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gptq_plugins.config import QuantizeConfig
+from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.hessian import HessianAccumulator
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
 from gptq_plugins.packing import pack_quantized
@@ -32,10 +33,10 @@ class _StopForward(Exception):
 
 
 @dataclass
-class BlockInputs:
-    """Inputs of one decoder block for one calibration batch: hidden states plus the rest."""
+class BatchContext:
+    """Everything a decoder block receives for one calibration batch except its hidden states."""
 
-    hidden: torch.Tensor
+    rows: slice  # the batch's rows in the `[samples, seq, hidden]` activations
     args: tuple
     kwargs: dict
 
@@ -51,9 +52,9 @@ def layout_for(model: torch.nn.Module) -> ModelLayout:
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """Relative output error on the calibration inputs: tr(dW H dW^T) / tr(W H W^T)."""
-    delta = (weight - approx).float()
-    num = torch.einsum("oi,ij,oj->", delta, hessian, delta)
-    den = torch.einsum("oi,ij,oj->", weight.float(), hessian, weight.float())
+    delta, weight = (weight - approx).float(), weight.float()
+    num = ((delta @ hessian) * delta).sum()
+    den = ((weight @ hessian) * weight).sum()
     return float(num / den) if den > 0 else float(num)
 
 
@@ -70,10 +71,14 @@ def _move(value, device):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: torch.nn.Module, first_block: torch.nn.Module,
-                         calibration: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> list[BlockInputs]:
-    """Run the model up to its first decoder block on each calibration batch and keep the inputs."""
-    captured: list[BlockInputs] = []
+def capture_block_inputs(model: torch.nn.Module, first_block: torch.nn.Module, calibration: torch.Tensor,
+                         sink=None, batch_size: int = CALIBRATION_BATCH) -> list[BatchContext]:
+    """Run the model up to its first decoder block on each calibration batch.
+
+    Returns each batch's context; the hidden states go to `sink(rows, hidden)` (float32), if given.
+    """
+    contexts: list[BatchContext] = []
+    rows = slice(0, 0)
 
     def hook(_module, args, kwargs):
         if args:
@@ -82,119 +87,239 @@ def capture_block_inputs(model: torch.nn.Module, first_block: torch.nn.Module,
             kwargs = dict(kwargs)
             hidden, rest = kwargs.pop("hidden_states"), ()
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        captured.append(BlockInputs(hidden.float(), rest, kwargs))
+        contexts.append(BatchContext(rows, rest, kwargs))
+        if sink is not None:
+            sink(rows, hidden.float())
         raise _StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(first_block.parameters()).device
+    device = model.get_input_embeddings().weight.device
     try:
-        for batch in calibration.split(batch_size):
+        for start in range(0, calibration.shape[0], batch_size):
+            rows = slice(start, min(start + batch_size, calibration.shape[0]))
+            batch = calibration[rows].to(device)
             try:
-                model(input_ids=batch.to(device), attention_mask=torch.ones_like(batch, device=device),
-                      use_cache=False)
+                model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
             except _StopForward:
                 pass
+            if not contexts or contexts[-1].rows != rows:
+                raise RuntimeError(f"the first decoder block of {type(model).__name__} was not reached "
+                                   "during the calibration forward pass")
     finally:
         handle.remove()
-    if len(captured) != len(calibration.split(batch_size)):
-        raise RuntimeError(f"the first decoder block of {type(model).__name__} was not reached "
-                           "during the calibration forward pass")
-    return captured
+    return contexts
 
 
-def _run_block(block, inputs: BlockInputs, dtype, device) -> torch.Tensor:
-    out = block(inputs.hidden.to(device=device, dtype=dtype), *_move(inputs.args, device),
-                **_move(inputs.kwargs, device))
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    return out.float().to(inputs.hidden.device)
+def _run_block(block, hidden: torch.Tensor, context: BatchContext, dtype, device) -> torch.Tensor:
+    out = block(hidden.to(device=device, dtype=dtype), *_move(context.args, device),
+                **_move(context.kwargs, device))
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _collect_hessians(block, linears: dict[str, torch.nn.Linear], inputs, dtype, device):
-    """Forward every calibration batch through `block`, accumulating each Linear's Hessian."""
-    accumulators = {name: HessianAccumulator(layer.in_features, device=device) for name, layer in linears.items()}
-    handles = [layer.register_forward_hook(lambda _m, args, _out, acc=accumulators[name]: acc.add(args[0]))
+def _collect_hessians(block, linears: dict[str, torch.nn.Linear], hidden, contexts, dtype, device):
+    """Forward every calibration batch through `block`, accumulating each Linear's Hessian.
+
+    Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator, so each
+    distinct input costs one `X^T X`; once every Linear of the group has seen its input the
+    forward stops, since the rest of the block cannot change these Hessians.
+    Returns `{name: accumulator}` (shared accumulators appear under several names).
+    """
+    accumulators: dict[str, HessianAccumulator] = {}
+    owners: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # per batch; keeps inputs alive
+    called: set[str] = set()
+
+    def hook(name, layer, x):
+        if name in called:
+            raise RuntimeError(f"{name} ran twice in one block forward; a layout's Linears must run once")
+        called.add(name)
+        if id(x) in owners:
+            accumulators.setdefault(name, owners[id(x)][1])
+        else:
+            acc = accumulators.setdefault(name, HessianAccumulator(layer.in_features, device=device))
+            acc.add(x)
+            owners[id(x)] = (x, acc)
+        if len(called) == len(linears):
+            raise _StopForward
+
+    handles = [layer.register_forward_pre_hook(lambda _m, args, name=name, layer=layer: hook(name, layer, args[0]))
                for name, layer in linears.items()]
     try:
-        for batch in inputs:
-            _run_block(block, batch, dtype, device)
+        for context in contexts:
+            owners.clear()
+            called.clear()
+            try:
+                _run_block(block, hidden[context.rows], context, dtype, device)
+            except _StopForward:
+                pass
+            missing = set(linears) - called
+            if missing:
+                raise RuntimeError(f"{sorted(missing)} did not run in the block forward")
     finally:
         for handle in handles:
             handle.remove()
     return accumulators
 
 
-@torch.no_grad()
-def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration: torch.Tensor, *,
-                     layout: ModelLayout | None = None, device: str | torch.device | None = None,
-                     progress: bool = True, on_block_done=None) -> tuple[dict[str, QuantizedWeight], dict]:
-    """Quantize every Linear the layout names, in place (weights become their dequantized values).
+class LoadedBlocks:
+    """Blocks of a model already in memory, moved to the solver's device while worked on."""
 
-    Returns the solver results by module path and the report. `on_block_done(index, results)` is
-    called after each block with that block's results (the CLI streams them to the artifact).
+    def __init__(self, blocks: torch.nn.ModuleList, device: torch.device):
+        self.blocks, self.device = blocks, device
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def load(self, index: int) -> torch.nn.Module:
+        block = self.blocks[index]
+        self._home = next(block.parameters()).device
+        return block.to(self.device)
+
+    def release(self, index: int, block: torch.nn.Module) -> None:
+        block.to(self._home)
+
+
+class StreamedBlocks:
+    """Blocks of an empty skeleton, filled from the source safetensors only while worked on."""
+
+    def __init__(self, blocks: torch.nn.ModuleList, prefix: str, checkpoint, device: torch.device):
+        self.blocks, self.prefix, self.checkpoint, self.device = blocks, prefix, checkpoint, device
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def load(self, index: int) -> torch.nn.Module:
+        from gptq_plugins.streaming import materialize
+
+        materialize(self.blocks[index], f"{self.prefix}.{index}.", self.checkpoint, self.device)
+        return self.blocks[index]
+
+    def release(self, index: int, block: torch.nn.Module) -> None:
+        from gptq_plugins.streaming import release
+
+        release(block)
+
+
+def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig, layout: ModelLayout,
+                    device, hook) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+    """GPTQ on every Linear of one block, group by group; weights become their dequantized values."""
+    dtype = next(block.parameters()).dtype
+    results: dict[str, QuantizedWeight] = {}
+    rows: list[dict] = []
+    groups = layout.sequential if config.true_sequential else (tuple(layout.linear_names()),)
+    for group in groups:
+        linears = {name: block.get_submodule(name) for name in group}
+        accumulators = _collect_hessians(block, linears, hidden, contexts, dtype, device)
+        for name, layer in linears.items():
+            start = time.perf_counter()
+            path = f"{layout.blocks}.{index}.{name}"
+            acc = accumulators[name]
+            if acc.num_tokens == 0:
+                raise RuntimeError(f"{path}: received no calibration tokens")
+            hessian = acc.hessian()
+            weight = layer.weight.data.float()
+            result = quantize_weight(weight, hessian, config)
+            approx = result.dequantize()
+            row = {
+                "name": path,
+                "shape": list(weight.shape),
+                "relative_error": relative_error(weight, approx, hessian),
+                "rtn_relative_error": relative_error(weight, rtn(weight, config).dequantize(), hessian),
+                "damp_percent": result.damp_percent,
+                "damping_escalated": result.damp_percent > config.damp_percent,
+                "fallback": result.fallback,
+                "tokens": acc.num_tokens,
+                "seconds": round(time.perf_counter() - start, 4),
+            }
+            if result.fallback:
+                log.warning("%s: %s", path, result.fallback)
+            layer.weight.data = approx.to(layer.weight.dtype)
+            results[path] = result
+            rows.append(row)
+            hook.gptq_plugins_layer_quantized(name=path, result=result, record=row)
+    return results, rows
+
+
+@torch.no_grad()
+def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calibration: torch.Tensor,
+               store, *, device, start: int = 0, progress: bool = True, on_block_done=None) -> None:
+    """Quantize blocks `start..` of `source` in order, each fed the previous quantized block's outputs.
+
+    The inputs of block `start` are `store.load(start)` when resuming (start > 0), else captured by
+    running the model's embeddings. `on_block_done(index, results, rows, next_hidden)` is called
+    while the block is still loaded (biases readable).
     """
     from gptq_plugins.plugins import get_plugin_manager
 
     hook = get_plugin_manager().hook
+    first_block = layout.block_list(model)[0]
+    hidden = None
+
+    def keep(rows, batch_hidden):
+        nonlocal hidden
+        if hidden is None:
+            hidden = store.new(0, (calibration.shape[0], *batch_hidden.shape[1:]))
+        hidden[rows] = batch_hidden.to(hidden.device)
+
+    contexts = capture_block_inputs(model, first_block, calibration, sink=None if start else keep)
+    if start:
+        hidden = store.load(start)
+    per_block = len(layout.linear_names())
+    bar = tqdm(total=len(source) * per_block, initial=start * per_block, desc="quantizing", unit="layer",
+               disable=not progress)
+    try:
+        for index in range(start, len(source)):
+            block_start = time.perf_counter()
+            block = source.load(index)
+            results, rows = _quantize_block(block, index, hidden, contexts, config, layout, device, hook)
+            bar.update(len(rows))
+            dtype = next(block.parameters()).dtype
+            out = store.new(index + 1, hidden.shape)
+            for context in contexts:
+                out[context.rows] = _run_block(block, hidden[context.rows], context, dtype, device).float().to(out.device)
+            if on_block_done is not None:
+                on_block_done(index, results, rows, out)
+            source.release(index, block)
+            store.drop(index)
+            hidden = out
+            if progress:
+                summary = summarize(rows)
+                bar.write(f"block {index + 1}/{len(source)}: {summary['layers']} layers, mean relative error "
+                          f"{summary['mean_relative_error']:.5f} (RTN {summary['mean_rtn_relative_error']:.5f}), "
+                          f"{time.perf_counter() - block_start:.1f} s")
+    finally:
+        bar.close()
+
+
+def _report(config: QuantizeConfig, layout: ModelLayout, rows: list[dict]) -> dict:
+    return {"config": config.to_dict(), "layout": layout.name, "summary": summarize(rows), "layers": rows}
+
+
+def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration: torch.Tensor, *,
+                     layout: ModelLayout | None = None, device: str | torch.device | None = None,
+                     progress: bool = True, on_block_done=None) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Quantize every Linear the layout names of an in-memory model, in place.
+
+    Weights become their dequantized values. Returns the solver results by module path and the
+    report. `on_block_done(index, results)` is called after each block.
+    """
+    from gptq_plugins.streaming import ActivationStore
+
     layout = layout or layout_for(model)
     blocks = layout.block_list(model)
-    device = torch.device(device) if device else next(model.parameters()).device
-    dtype = next(blocks[0].parameters()).dtype
     check_layers(blocks, layout, config)
-    inputs = capture_block_inputs(model, blocks[0], calibration)
+    device = torch.device(device) if device else next(model.parameters()).device
     results: dict[str, QuantizedWeight] = {}
     rows: list[dict] = []
-    bar = tqdm(total=len(blocks) * len(layout.linear_names()), desc="quantizing", unit="layer",
-               disable=not progress)
-    for index, block in enumerate(blocks):
-        block_start = time.perf_counter()
-        home = next(block.parameters()).device
-        block.to(device)
-        block_results: dict[str, QuantizedWeight] = {}
-        groups = layout.sequential if config.true_sequential else (tuple(layout.linear_names()),)
-        for group in groups:
-            linears = {name: block.get_submodule(name) for name in group}
-            accumulators = _collect_hessians(block, linears, inputs, dtype, device)
-            for name, layer in linears.items():
-                start = time.perf_counter()
-                path = f"{layout.blocks}.{index}.{name}"
-                acc = accumulators[name]
-                if acc.num_tokens == 0:
-                    raise RuntimeError(f"{path}: received no calibration tokens")
-                hessian = acc.hessian()
-                weight = layer.weight.data.float()
-                result = quantize_weight(weight, hessian, config)
-                approx = result.dequantize()
-                row = {
-                    "name": path,
-                    "shape": list(weight.shape),
-                    "relative_error": relative_error(weight, approx, hessian),
-                    "rtn_relative_error": relative_error(weight, rtn(weight, config).dequantize(), hessian),
-                    "damp_percent": result.damp_percent,
-                    "damping_escalated": result.damp_percent > config.damp_percent,
-                    "fallback": result.fallback,
-                    "tokens": acc.num_tokens,
-                    "seconds": round(time.perf_counter() - start, 4),
-                }
-                if result.fallback:
-                    log.warning("%s: %s", path, result.fallback)
-                layer.weight.data = approx.to(layer.weight.dtype)
-                block_results[path] = result
-                rows.append(row)
-                hook.gptq_plugins_layer_quantized(name=path, result=result, record=row)
-                bar.update()
-        inputs = [BlockInputs(_run_block(block, batch, dtype, device), batch.args, batch.kwargs) for batch in inputs]
-        block.to(home)
+
+    def done(index, block_results, block_rows, _next_hidden):
         results.update(block_results)
-        if progress:
-            summary = summarize(rows[-len(block_results):])
-            bar.write(f"block {index + 1}/{len(blocks)}: {summary['layers']} layers, mean relative error "
-                      f"{summary['mean_relative_error']:.5f} (RTN {summary['mean_rtn_relative_error']:.5f}), "
-                      f"{time.perf_counter() - block_start:.1f} s")
+        rows.extend(block_rows)
         if on_block_done is not None:
             on_block_done(index, block_results)
-    bar.close()
-    report = {"config": config.to_dict(), "layout": layout.name, "summary": summarize(rows), "layers": rows}
-    return results, report
+
+    run_blocks(model, LoadedBlocks(blocks, device), layout, config, calibration, ActivationStore(None, device=device),
+               device=device, progress=progress, on_block_done=done)
+    return results, _report(config, layout, rows)
 
 
 def check_layers(blocks, layout: ModelLayout, config: QuantizeConfig) -> None:
@@ -238,62 +363,123 @@ def float_tensors(model: torch.nn.Module, quantized: set[str]) -> dict[str, torc
 
 def load_model(path: str | os.PathLike, *, trust_remote_code: bool = False):
     """The float model and its tokenizer (None when the directory has none) from a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
     model.eval()
+    return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The tokenizer saved with a model, or None when there is none (a dataset of token ids needs none)."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
+        return None
 
 
 def context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def calibration_for(model, config: QuantizeConfig, tokenizer) -> torch.Tensor:
+    """The calibration token ids `config` names, windows capped at the model's context length."""
+    from gptq_plugins.calibration import load_calibration
+
+    seq_len = config.seq_len
+    limit = context_length(model)
+    if limit and seq_len > limit:
+        log.warning("seq_len %d exceeds the model's context length %d: using %d", seq_len, limit, limit)
+        seq_len = limit
+    return load_calibration(config, tokenizer, seq_len)
+
+
+def quantization_config_for(model, config: QuantizeConfig, calibration: torch.Tensor) -> dict:
+    """The `quantization_config` block of the artifact of `model` quantized on `calibration`."""
+    return config.to_quantization_config(
+        modules_not_to_convert=list(layout_for(model).keep_float),
+        extra_meta={"calibration_tokens": int(calibration.numel())})
+
+
+def quantized_paths(layout: ModelLayout, n_blocks: int) -> set[str]:
+    return {f"{layout.blocks}.{i}.{name}" for i in range(n_blocks) for name in layout.linear_names()}
+
+
 def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeConfig,
                    calibration: torch.Tensor | None = None, *, device: str | None = None,
-                   trust_remote_code: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
+                   trust_remote_code: bool = False, overwrite: bool = False, progress: bool = True,
+                   streaming: bool = True, offload_activations: bool = False, resume: bool = False) -> Path:
     """Quantize a model (a local directory or a loaded Transformers model) into an artifact at `out_dir`.
 
+    A directory is streamed (`streaming=True`): only the current decoder block is in memory, read
+    from the source safetensors. With `offload_activations` the hidden states between blocks live
+    in a scratch file instead of memory. After every block the progress is checkpointed inside
+    the partial output, so a killed run continues with `resume=True` and gives the same bytes.
     `calibration` is a LongTensor of token ids `[num_samples, seq_len]`; when None it is drawn
     from `config.dataset` with the model's tokenizer.
     """
     from gptq_plugins.artifact import ArtifactWriter
-    from gptq_plugins.calibration import load_calibration
+    from gptq_plugins.streaming import ActivationStore, SourceCheckpoint, empty_model, materialize
 
-    source_dir = None
+    source_dir = checkpoint = None
     if isinstance(model_or_path, (str, os.PathLike)):
         source_dir = Path(model_or_path)
-        model, tokenizer = load_model(source_dir, trust_remote_code=trust_remote_code)
+        if not (source_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{source_dir}: not a model directory (no config.json)")
+        tokenizer = load_tokenizer(source_dir, trust_remote_code=trust_remote_code)
+        if streaming:
+            model, checkpoint = empty_model(source_dir, trust_remote_code=trust_remote_code), SourceCheckpoint(source_dir)
+        else:
+            model, tokenizer = load_model(source_dir, trust_remote_code=trust_remote_code)
     else:
         model, tokenizer = model_or_path, None
     layout = layout_for(model)
-    check_layers(layout.block_list(model), layout, config)
-    if calibration is None:
-        seq_len = config.seq_len
-        limit = context_length(model)
-        if limit and seq_len > limit:
-            log.warning("seq_len %d exceeds the model's context length %d: using %d", seq_len, limit, limit)
-            seq_len = limit
-        calibration = load_calibration(config, tokenizer, seq_len)
-    with ArtifactWriter(out_dir, overwrite=overwrite) as writer:
-        def write_block(_index, block_results):
+    blocks = layout.block_list(model)
+    check_layers(blocks, layout, config)
+    device = torch.device(device) if device else torch.device("cpu") if checkpoint else next(model.parameters()).device
+    with ArtifactWriter(out_dir, overwrite=overwrite, resume=resume) as writer:
+        state = writer.state
+        if state is not None:
+            if state["config"] != config.to_dict():
+                raise ConfigError("resume", f"the interrupted run used other options: {state['config']}")
+            calibration = torch.from_numpy(np.load(writer.scratch / "calibration.npy", allow_pickle=False))
+        elif calibration is None:
+            calibration = calibration_for(model, config, tokenizer)
+        rows: list[dict] = state["rows"] if state else []
+        store = ActivationStore(writer.scratch, offload=offload_activations, device=device)
+        if checkpoint is not None:  # embeddings and the like; the head is never needed
+            for name, module in model.named_children():
+                materialize(module, f"{name}.", checkpoint, device, skip=(layout.blocks + ".", *layout.keep_float))
+            source = StreamedBlocks(blocks, layout.blocks, checkpoint, device)
+        else:
+            source = LoadedBlocks(blocks, device)
+        if state is None:
+            writer.scratch.mkdir(exist_ok=True)
+            np.save(writer.scratch / "calibration.npy", calibration.numpy(), allow_pickle=False)
+
+        def checkpoint_block(index, block_results, block_rows, next_hidden):
             for path, result in block_results.items():
                 writer.add(packed_tensors(path, result, model.get_submodule(path).bias))
+            rows.extend(block_rows)
+            store.persist(index + 1, next_hidden)
+            writer.checkpoint({"config": config.to_dict(), "next_block": index + 1, "rows": rows})
 
-        results, report = quantize_modules(model, config, calibration, layout=layout, device=device,
-                                           progress=progress, on_block_done=write_block)
-        writer.add(float_tensors(model, set(results)))
+        run_blocks(model, source, layout, config, calibration, store, device=device,
+                   start=state["next_block"] if state else 0, progress=progress, on_block_done=checkpoint_block)
+        quantized = quantized_paths(layout, len(blocks))
+        if checkpoint is not None:
+            floats = {name: checkpoint.tensor(name) for name in checkpoint.weight_map
+                      if name.rsplit(".", 1)[0] not in quantized}
+        else:
+            floats = float_tensors(model, quantized)
+        writer.add(dict(sorted(floats.items())))
         model_config = model.config.to_dict()
         model_config.pop("quantization_config", None)
-        quantization_config = config.to_quantization_config(
-            modules_not_to_convert=list(layout.keep_float),
-            extra_meta={"calibration_tokens": int(calibration.numel())})
-        return writer.finish(model_config=model_config, quantization_config=quantization_config,
-                             report=report, copy_from=source_dir)
+        return writer.finish(model_config=model_config,
+                             quantization_config=quantization_config_for(model, config, calibration),
+                             report=_report(config, layout, rows), copy_from=source_dir)

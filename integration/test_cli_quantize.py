@@ -125,9 +125,11 @@ def test_reader_rejects_a_truncated_shard(artifact, tmp_path):
 def test_reader_names_a_tensor_with_the_wrong_shape(artifact, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(artifact, broken)
-    shard = next(broken.glob("*.safetensors"))
-    data = tensors(broken)
-    data["model.layers.0.mlp.up_proj.scales"] = data["model.layers.0.mlp.up_proj.scales"][:, :-1].contiguous()
+    name = "model.layers.0.mlp.up_proj.scales"
+    shard = broken / json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"][name]
+    with safe_open(str(shard), framework="pt") as f:
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    data[name] = data[name][:, :-1].contiguous()
     save_file(data, str(shard), metadata={"format": "pt"})
     with pytest.raises(ArtifactError, match=r"model.layers.0.mlp.up_proj.scales.*expected F16 \[2, 256\]"):
         read_artifact(broken)

@@ -1,0 +1,114 @@
+"""Quantizing models larger than memory: blocks read from disk one at a time, activations on disk.
+
+The model is built as an empty skeleton (parameters on the meta device, buffers real), then each
+decoder block is filled from the source safetensors (memory-mapped) only while it is worked on.
+Hidden states between blocks live in memory or, with offloading, in `.npy` files that double as
+the resume state.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from gptq_plugins.artifact import read_weight_map
+
+
+class SourceCheckpoint:
+    """Tensors of a model directory's safetensors files, read by name (memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.weight_map = read_weight_map(self.path)
+        self._files: dict[str, object] = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        file = self.weight_map.get(name)
+        if file is None:
+            raise KeyError(f"{self.path}: tensor {name!r} is not in the checkpoint")
+        if file not in self._files:
+            self._files[file] = safe_open(str(self.path / file), framework="pt")
+        return self._files[file].get_tensor(name)
+
+
+def empty_model(path: str | os.PathLike, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's skeleton: parameters on the meta device (no memory), buffers computed for real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def materialize(module: torch.nn.Module, prefix: str, checkpoint: SourceCheckpoint, device,
+                skip: tuple[str, ...] = ()) -> None:
+    """Fill `module`'s parameters and persistent buffers from the checkpoint (names under `prefix`)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in module.state_dict():
+        full = f"{prefix}{name}"
+        if full.startswith(skip):
+            continue
+        set_module_tensor_to_device(module, name, device, value=checkpoint.tensor(full))
+
+
+def release(module: torch.nn.Module) -> None:
+    """Drop `module`'s tensors back to the meta device, freeing their memory."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in module.state_dict():
+        set_module_tensor_to_device(module, name, "meta")
+
+
+class ActivationStore:
+    """Hidden states at block boundaries, float32 `[samples, seq, hidden]`.
+
+    In memory, or (`offload=True`) in `.npy` files under `scratch`. `persist` makes a boundary
+    durable for resume; with offloading it is already on disk and only flushed.
+    """
+
+    def __init__(self, scratch: Path | None, *, offload: bool = False, device="cpu"):
+        if offload and scratch is None:
+            raise ValueError("offloading activations needs a scratch directory")
+        self.scratch, self.offload, self.device = scratch, offload, torch.device(device)
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def file(self, index: int) -> Path:
+        return self.scratch / f"hidden-{index:05d}.npy"
+
+    def new(self, index: int, shape) -> torch.Tensor:
+        if not self.offload:
+            return torch.empty(shape, dtype=torch.float32, device=self.device)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        array = np.lib.format.open_memmap(self.file(index), mode="w+", dtype=np.float32, shape=tuple(shape))
+        self._arrays[index] = array
+        return torch.from_numpy(array)
+
+    def persist(self, index: int, hidden: torch.Tensor) -> str:
+        if self.offload:
+            self._arrays[index].flush()
+        else:
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            tmp = self.scratch / f".hidden-{index:05d}.tmp.npy"
+            np.save(tmp, hidden.cpu().numpy(), allow_pickle=False)
+            os.replace(tmp, self.file(index))
+        return self.file(index).name
+
+    def load(self, index: int) -> torch.Tensor:
+        if self.offload:
+            array = np.load(self.file(index), mmap_mode="r+", allow_pickle=False)
+            self._arrays[index] = array
+            return torch.from_numpy(array)
+        return torch.from_numpy(np.load(self.file(index), allow_pickle=False)).to(self.device)
+
+    def drop(self, index: int) -> None:
+        self._arrays.pop(index, None)
+        if self.scratch is not None:
+            self.file(index).unlink(missing_ok=True)
