@@ -7,8 +7,11 @@ from this object; none of them validates an option a second time.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+log = logging.getLogger("gptq_plugins")
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq_plugins", "gptq")
@@ -27,7 +30,8 @@ _FOREIGN_IGNORABLE_KEYS = {"model_name_or_path", "model_file_base_name", "is_mar
                            "block_name_to_quantize", "backend", "use_marlin", "sym_zero",
                            "format", "pack_impl", "offload_to_disk", "offload_to_disk_path",
                            "mock_quantization", "fail_safe", "hessian", "gptaq", "foem",
-                           "moe", "dynamic", "device", "process", "vram_strategy"}
+                           "moe", "dynamic", "device", "process", "vram_strategy",
+                           "model_seqlen"}
 
 
 class ConfigError(ValueError):
@@ -166,8 +170,8 @@ class QuantizeConfig:
                                  strict: bool = True) -> "QuantizeConfig":
         """Parse a `quantization_config` dict written by us or by a stock GPTQ writer.
 
-        Unknown keys raise `ConfigError` when `strict` (our own artifacts); keys known to be
-        written by other GPTQ tools are accepted and ignored.
+        Unknown keys raise `ConfigError` when `strict` (our own artifacts) and are logged as a
+        warning otherwise; keys known to be written by other GPTQ tools are accepted and ignored.
         """
         if not isinstance(qc, dict):
             raise ConfigError(source, f"expected a JSON object, got {type(qc).__name__}")
@@ -183,6 +187,8 @@ class QuantizeConfig:
         unknown = sorted(set(qc) - option_names - _METADATA_KEYS - _FOREIGN_IGNORABLE_KEYS)
         if unknown and strict:
             raise ConfigError(source, f"unknown keys {unknown}; known: {sorted(option_names)}")
+        if unknown:
+            log.warning("%s: ignoring unknown keys %s (not GPTQ options known to gptq-plugins)", source, unknown)
         kwargs = {k: qc[k] for k in option_names if k in qc and qc[k] is not None}
         if "damp_percent" in kwargs:
             kwargs["damp_percent"] = float(kwargs["damp_percent"])

@@ -56,3 +56,30 @@ def build_tiny_model(path: str | os.PathLike, *, model_type: str = "llama", hidd
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+@torch.no_grad()
+def greedy_tokens(model, prompt_ids: list[list[int]], n: int) -> list[list[int]]:
+    """`n` arg-max continuation token ids per prompt, never stopping at EOS.
+
+    The same rule as vLLM's `SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)`, so
+    hosts can be compared token for token.
+    """
+    continuations = []
+    for prompt in prompt_ids:
+        ids = torch.tensor([prompt], device=model.device)
+        for _ in range(n):
+            next_id = model(input_ids=ids).logits[:, -1].argmax(dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+        continuations.append(ids[0, len(prompt):].tolist())
+    return continuations
+
+
+def greedy_tokens_transformers(artifact_dir: str | os.PathLike, prompt_ids: list[list[int]], n: int) -> list[list[int]]:
+    """`greedy_tokens` of an artifact loaded by Transformers `from_pretrained` in float32 on CPU."""
+    from transformers import AutoModelForCausalLM
+
+    import gptq_plugins  # noqa: F401  (registers quant_method gptq_plugins with Transformers)
+
+    model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=torch.float32)
+    return greedy_tokens(model, prompt_ids, n)

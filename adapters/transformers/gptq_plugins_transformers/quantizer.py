@@ -1,0 +1,141 @@
+"""`GPTQPluginsHfQuantizer`: how `from_pretrained` loads an artifact or GPTQ-quantizes on load.
+
+Pre-quantized: the artifact is validated up front (`read_artifact`), each Linear that has a
+`.qweight` in it becomes the core `QuantLinear` on the meta device, so the checkpoint's
+`qweight/qzeros/scales/g_idx` load into it by name; `post_init()` then picks the kernel.
+
+Quantize on load: the float weights load as usual; then the core pipeline runs on the model in
+memory and each quantized Linear becomes `QuantLinear.from_quantized(...)`, so `save_pretrained`
+writes the same tensors as `gptq-plugins quantize`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers.quantizers import HfQuantizer
+
+from gptq_plugins.artifact import ArtifactError, read_artifact
+from gptq_plugins.config import QUANT_METHOD
+from gptq_plugins_transformers.config import GPTQPluginsConfig
+
+log = logging.getLogger("gptq_plugins")
+
+
+def _replace_module(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    model.get_submodule(parent).register_module(child, module)
+
+
+def _quant_linears(model: torch.nn.Module):
+    from gptq_plugins.quant_linear import QuantLinear
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLinear)]
+
+
+class GPTQPluginsHfQuantizer(HfQuantizer):
+    """The `HfQuantizer` of `quant_method: gptq_plugins`."""
+
+    requires_calibration = False
+    quantization_config: GPTQPluginsConfig
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.pre_quantized:
+            if not checkpoint_files:
+                raise ArtifactError(f"{model.name_or_path}: a gptq_plugins model needs its safetensors files")
+            self._swap_in_quant_linears(model, read_artifact(Path(checkpoint_files[0]).parent))
+        else:
+            # Fail before the float weights load when the model cannot be quantized with these options.
+            from gptq_plugins.pipeline import check_layers, layout_for
+
+            layout = layout_for(model)
+            check_layers(layout.block_list(model), layout, self.quantization_config.quantize_config)
+
+    def _swap_in_quant_linears(self, model, artifact) -> None:
+        from gptq_plugins.quant_linear import QuantLinear
+
+        config = artifact.config
+        for name, shape in artifact.modules.items():
+            path = self._module_path(model, name)
+            linear = model.get_submodule(path) if path is not None else None
+            if not isinstance(linear, torch.nn.Linear) or (linear.in_features, linear.out_features) != (
+                    shape.in_features, shape.out_features):
+                raise ArtifactError(
+                    f"{artifact.path}: tensor {name}.qweight is for a Linear {shape.in_features} -> "
+                    f"{shape.out_features}, but {type(model).__name__} has "
+                    f"{type(linear).__name__ if linear is not None else 'no module'} at {name!r}")
+            _replace_module(model, path, QuantLinear(shape.in_features, shape.out_features, config.bits,
+                                                     config.group_size, bias=shape.has_bias, dtype=model.dtype))
+
+    @staticmethod
+    def _module_path(model, name: str) -> str | None:
+        """Where checkpoint module `name` lives in `model` (a base model lacks the `model.` prefix)."""
+        prefix = f"{model.base_model_prefix}."
+        for path in (name, name.removeprefix(prefix)):
+            try:
+                model.get_submodule(path)
+                return path
+            except AttributeError:
+                continue
+        return None
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            for _name, module in _quant_linears(model):
+                module.post_init()
+        else:
+            self._quantize(model)
+        return model
+
+    def _quantize(self, model) -> None:
+        """Run the core pipeline on the loaded float model and swap in the quantized Linears."""
+        from gptq_plugins.pipeline import (calibration_for, load_tokenizer, quantization_config_for,
+                                           quantize_modules)
+        from gptq_plugins.quant_linear import QuantLinear
+
+        config = self.quantization_config.quantize_config
+        calibration = calibration_for(model, config, load_tokenizer(model.name_or_path))
+        results, report = quantize_modules(model, config, calibration)
+        for path, result in results.items():
+            linear = model.get_submodule(path)
+            quant = QuantLinear.from_quantized(result, bias=linear.bias, dtype=linear.weight.dtype)
+            quant.post_init()
+            _replace_module(model, path, quant)
+        summary = report["summary"]
+        log.info("quantized %d layers on load, mean relative error %.5f (round-to-nearest %.5f)",
+                 summary["layers"], summary["mean_relative_error"], summary["mean_rtn_relative_error"])
+        # What save_pretrained writes: the same block as `gptq-plugins quantize`.
+        self.quantization_config = GPTQPluginsConfig.from_dict(quantization_config_for(model, config, calibration))
+        model.config.quantization_config = self.quantization_config
+
+    def _dequantize(self, model, dtype=None):
+        """Replace every `QuantLinear` by a float `nn.Linear` holding its dequantized weight."""
+        for name, module in _quant_linears(model):
+            weight = module.dequantize()
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                     device=weight.device, dtype=dtype or weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            _replace_module(model, name, linear)
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Make `quant_method: gptq_plugins` known to Transformers; a second call changes nothing."""
+    from transformers.quantizers import auto, register_quantization_config, register_quantizer
+
+    if QUANT_METHOD not in auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(GPTQPluginsConfig)
+    if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(GPTQPluginsHfQuantizer)
