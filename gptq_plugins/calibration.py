@@ -89,6 +89,9 @@ def file_calibration(path: str, config: QuantizeConfig, tokenizer, seq_len: int)
                           f"{', '.join(FILE_BUILDERS)}")
     if not file.is_file():
         raise ConfigError("dataset", f"{path}: no such file")
+    if file.stat().st_size == 0:
+        raise CalibrationError(f"{path}: empty file; expected text or input_ids for num_samples="
+                               f"{config.num_samples} x seq_len={seq_len} tokens")
     import datasets
 
     try:

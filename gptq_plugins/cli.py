@@ -1,4 +1,4 @@
-"""`gptq-plugins quantize | inspect | doctor`.
+"""`gptq-plugins quantize | inspect | convert | eval | doctor`.
 
 The quantization options are defined once, from `QuantizeConfig`'s fields, by
 `add_quantize_arguments`; the Optimum command uses the same function, so the two never drift.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from dataclasses import MISSING
 from pathlib import Path
@@ -44,6 +45,12 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--trust-remote-code", action="store_true",
                      help="allow model code from the model directory to run (off by default)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    run.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run from its last finished block (same options)")
+    run.add_argument("--offload-activations", action="store_true",
+                     help="keep calibration activations between blocks in a scratch file, not in memory")
+    run.add_argument("--in-memory", dest="streaming", action="store_false",
+                     help="load the whole model instead of streaming one block at a time from disk")
 
 
 def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
@@ -53,14 +60,16 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
 def run_quantize(model: str, output: str, args: argparse.Namespace) -> Path:
     """Quantize `model` into `output` with the options parsed by `add_quantize_arguments`."""
     from gptq_plugins.pipeline import quantize_model
+    from gptq_plugins.validate import check_quantize_inputs
 
     config = config_from_args(args)
-    model_dir, out_dir = Path(model).resolve(), Path(output).resolve()
-    if out_dir == model_dir or model_dir in out_dir.parents:
-        raise ConfigError("output", f"{out_dir} is inside the model directory {model_dir}")
-    path = quantize_model(model_dir, out_dir, config, device=args.device,
-                          trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
-    print_summary(model_dir, path)
+    checked = check_quantize_inputs(model, output, config, trust_remote_code=args.trust_remote_code,
+                                    overwrite=args.overwrite)
+    path = quantize_model(checked.model_dir, checked.out_dir, config, calibration=checked.calibration,
+                          device=args.device, trust_remote_code=args.trust_remote_code,
+                          overwrite=args.overwrite, streaming=args.streaming,
+                          offload_activations=args.offload_activations, resume=args.resume)
+    print_summary(checked.model_dir, path)
     return path
 
 
@@ -86,9 +95,10 @@ def print_summary(model_dir: Path, artifact_dir: Path) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from gptq_plugins.artifact import read_artifact
+    from gptq_plugins.artifact import read_artifact, verify_checksums
 
     artifact = read_artifact(args.artifact)
+    verified = verify_checksums(artifact)
     cfg = artifact.config
     print(f"{artifact.path}: valid {artifact.model_config.get('model_type', '?')} artifact, "
           f"quant_method={artifact.model_config['quantization_config']['quant_method']}")
@@ -96,9 +106,32 @@ def cmd_inspect(args: argparse.Namespace) -> None:
           f"static_groups={cfg.static_groups}")
     print(f"  {len(artifact.modules)} quantized modules in {len(set(artifact.weight_map.values()))} shard(s), "
           f"{_safetensors_bytes(artifact.path) / 2**20:.1f} MiB")
+    print(f"  sha256: {verified} shard(s) match the index" if verified else
+          "  sha256: none recorded (written by another tool): tensors checked, bytes not")
     if args.verbose:
         for module in artifact.modules.values():
             print(f"    {module.name}: {module.in_features} -> {module.out_features}, {module.n_groups} groups")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from gptq_plugins.convert import convert_checkpoint
+
+    done = convert_checkpoint(args.input, args.output, to=args.to, overwrite=args.overwrite)
+    print(f"{done.path}: quant_method {done.source_method} -> {done.target_method}; tensor files: "
+          f"{len(done.linked)} hard-linked, {len(done.copied)} copied")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from gptq_plugins.evaluate import evaluate
+
+    result = evaluate(args.model, dataset=args.dataset, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                      trust_remote_code=args.trust_remote_code)
+    print(f"{result['model']} ({result['kind']}): perplexity {result['perplexity']:.4f} on "
+          f"{result['predicted_tokens']} tokens of {args.dataset} held-out text "
+          f"({result['windows']} windows of {result['seq_len']} tokens, {result['seconds']:.1f} s)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written: {args.output}")
 
 
 def cmd_doctor(_args: argparse.Namespace) -> None:
@@ -132,6 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="validate an artifact and describe it")
     inspect.add_argument("artifact")
     inspect.set_defaults(handler=cmd_inspect)
+    convert = sub.add_parser("convert", help="rewrite a checkpoint's quant_method (gptq <-> gptq_plugins); "
+                             "tensors are validated and hard-linked, never rewritten")
+    convert.add_argument("input", help="checkpoint directory with quant_method gptq or gptq_plugins")
+    convert.add_argument("output", help="directory to create")
+    convert.add_argument("--to", default=None, help="target quant_method: gptq or gptq_plugins "
+                         "(default: the other one)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    convert.set_defaults(handler=cmd_convert)
+    evaluate = sub.add_parser("eval", help="perplexity of a model or artifact on held-out text")
+    evaluate.add_argument("model", help="model or artifact directory")
+    evaluate.add_argument("--dataset", default="builtin",
+                          help="builtin (the eval split calibration never sees) or a UTF-8 .txt path")
+    evaluate.add_argument("--seq-len", type=int, default=None,
+                          help="tokens per window (default: the model's context length, at most 2048)")
+    evaluate.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    evaluate.add_argument("--output", default=None, help="also write the result to this JSON file")
+    evaluate.add_argument("--trust-remote-code", action="store_true",
+                          help="allow model code from the model directory to run (off by default)")
+    evaluate.set_defaults(handler=cmd_eval)
     doctor = sub.add_parser("doctor", help="list plugins, layouts, formats and versions")
     doctor.set_defaults(handler=cmd_doctor)
     return parser
@@ -142,19 +194,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    return run_reporting_errors(f"gptq-plugins {args.command}", args.handler, args)
+
+
+def _interrupt(signum, _frame):
+    """SIGTERM stops a run like Ctrl-C: cleanly, keeping its resumable progress."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_reporting_errors(prog: str, handler, args: argparse.Namespace) -> int:
+    """Run `handler(args)` and return the exit status; bad input prints one line, not a traceback.
+
+    Shared by `gptq-plugins` and `optimum-cli export gptq` so both report errors alike.
+    """
     from gptq_plugins.artifact import ArtifactError
     from gptq_plugins.calibration import CalibrationError
     from gptq_plugins.layouts import UnsupportedModelError
+    from gptq_plugins.validate import ValidationError
 
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        args.handler(args)
-    except (ConfigError, ArtifactError, CalibrationError, UnsupportedModelError,
+        handler(args)
+    except (ConfigError, ArtifactError, CalibrationError, UnsupportedModelError, ValidationError,
             FileExistsError, FileNotFoundError, PermissionError) as err:
-        print(f"gptq-plugins {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"gptq-plugins {args.command}: interrupted; nothing was written at the output path",
-              file=sys.stderr)
+        print(f"{prog}: interrupted; nothing was written at the output path (rerun with --resume to "
+              "continue from the last finished block)", file=sys.stderr)
         return 130
     return 0
 
