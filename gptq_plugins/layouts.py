@@ -42,6 +42,26 @@ class ModelLayout:
     def linear_names(self) -> list[str]:
         return [name for group in self.sequential for name in group]
 
+    def block_linears(self, index: int, block: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+        """The Linears of block `index` by module path; `UnsupportedModelError` if one is not."""
+        linears = {}
+        for name in self.linear_names():
+            path = f"{self.blocks}.{index}.{name}"
+            try:
+                layer = block.get_submodule(name)
+            except AttributeError:
+                raise UnsupportedModelError(f"layout {self.name!r}: {path} does not exist") from None
+            if not isinstance(layer, torch.nn.Linear):
+                raise UnsupportedModelError(f"layout {self.name!r}: {path} is a {type(layer).__name__}, "
+                                            "expected torch.nn.Linear")
+            linears[path] = layer
+        return linears
+
+    def linears(self, model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+        """Every Linear this layout quantizes in `model`, by module path."""
+        return {path: layer for index, block in enumerate(self.block_list(model))
+                for path, layer in self.block_linears(index, block).items()}
+
 
 LLAMA = ModelLayout(
     name="llama",

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gptq_plugins.calibration import CalibrationError
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.hessian import HessianAccumulator
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
@@ -216,8 +217,14 @@ def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig,
             if acc.num_tokens == 0:
                 raise RuntimeError(f"{path}: received no calibration tokens")
             hessian = acc.hessian()
+            if not hessian.diagonal().any():
+                raise CalibrationError(f"{path}: every calibration input was zero, so GPTQ would zero "
+                                       "the weight; expected varied calibration text")
             weight = layer.weight.data.float()
-            result = quantize_weight(weight, hessian, config)
+            try:
+                result = quantize_weight(weight, hessian, config)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
             approx = result.dequantize()
             row = {
                 "name": path,
@@ -325,15 +332,7 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
 def check_layers(blocks, layout: ModelLayout, config: QuantizeConfig) -> None:
     """Fail before any heavy work if a Linear is missing or cannot be stored with these options."""
     for index, block in enumerate(blocks):
-        for name in layout.linear_names():
-            path = f"{layout.blocks}.{index}.{name}"
-            try:
-                layer = block.get_submodule(name)
-            except AttributeError:
-                raise UnsupportedModelError(f"layout {layout.name!r}: {path} does not exist") from None
-            if not isinstance(layer, torch.nn.Linear):
-                raise UnsupportedModelError(f"layout {layout.name!r}: {path} is a {type(layer).__name__}, "
-                                            "expected torch.nn.Linear")
+        for path, layer in layout.block_linears(index, block).items():
             config.check_layer(layer.in_features, layer.out_features, name=path)
 
 
@@ -368,7 +367,8 @@ def load_model(path: str | os.PathLike, *, trust_remote_code: bool = False):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
     model.eval()
     return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
 
@@ -450,6 +450,12 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
             calibration = torch.from_numpy(np.load(writer.scratch / "calibration.npy", allow_pickle=False))
         elif calibration is None:
             calibration = calibration_for(model, config, tokenizer)
+        else:
+            from gptq_plugins.validate import degenerate_calibration
+
+            problem = degenerate_calibration(calibration, getattr(model.config, "pad_token_id", None), "calibration")
+            if problem:
+                raise CalibrationError(problem)
         rows: list[dict] = state["rows"] if state else []
         store = ActivationStore(writer.scratch, offload=offload_activations, device=device)
         if checkpoint is not None:  # embeddings and the like; the head is never needed

@@ -145,7 +145,7 @@ def _weight_problems(model_dir: Path, reference: torch.nn.Module, layout: ModelL
     """Every tensor the run reads present with the shape the config gives it and a float dtype,
     every tensor finite, and every quantized Linear storable with the options."""
     try:
-        linears = layout_linears(reference, layout)
+        linears = layout.linears(reference)
     except UnsupportedModelError as err:
         return [str(err)]
     problems = _option_problems(linears, config)
@@ -174,23 +174,6 @@ def _weight_problems(model_dir: Path, reference: torch.nn.Module, layout: ModelL
     if not problems:
         problems += _non_finite_problems(model_dir, weight_map, headers)
     return problems
-
-
-def layout_linears(model: torch.nn.Module, layout: ModelLayout) -> dict[str, torch.nn.Linear]:
-    """Every Linear the layout quantizes, by module path; `UnsupportedModelError` if one is not."""
-    linears = {}
-    for index, block in enumerate(layout.block_list(model)):
-        for name in layout.linear_names():
-            path = f"{layout.blocks}.{index}.{name}"
-            try:
-                layer = block.get_submodule(name)
-            except AttributeError:
-                raise UnsupportedModelError(f"layout {layout.name!r}: {path} does not exist") from None
-            if not isinstance(layer, torch.nn.Linear):
-                raise UnsupportedModelError(f"layout {layout.name!r}: {path} is a {type(layer).__name__}, "
-                                            "expected torch.nn.Linear")
-            linears[path] = layer
-    return linears
 
 
 def _option_problems(linears: dict[str, torch.nn.Linear], config: QuantizeConfig) -> list[str]:
