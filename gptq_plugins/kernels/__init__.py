@@ -1,0 +1,21 @@
+"""Kernel backends for `QuantLinear`, chosen per layer through the `gptq_plugins_kernel_backends`
+hook. Built in, best first: Triton on CUDA, PyTorch's int4 kernel for 4-bit on CPU (and, only
+when forced by name, the same with a bfloat16 prefill cache), and the dense reference
+(dequantize once, matmul) that runs everything."""
+
+from gptq_plugins.kernels.base import BackendUnsupported, KernelBackend, rank_backends, select_backend
+from gptq_plugins.kernels.cpu_int4 import CpuInt4Backend, CpuInt4PrefillCacheBackend
+from gptq_plugins.kernels.dense import DenseBackend
+from gptq_plugins.kernels.triton_backend import TritonBackend
+
+BUILTIN_BACKENDS = (TritonBackend(), CpuInt4Backend(), CpuInt4PrefillCacheBackend(), DenseBackend())
+
+
+def builtin_kernel_backends() -> list[KernelBackend]:
+    """What the core's `gptq_plugins_kernel_backends` hookimpl returns."""
+    return list(BUILTIN_BACKENDS)
+
+
+__all__ = ["BUILTIN_BACKENDS", "BackendUnsupported", "CpuInt4Backend", "CpuInt4PrefillCacheBackend",
+           "DenseBackend", "KernelBackend", "TritonBackend", "builtin_kernel_backends", "rank_backends",
+           "select_backend"]

@@ -1,0 +1,116 @@
+"""4-bit GPTQ on CPU through PyTorch's native int4 kernels.
+
+`aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)` computes
+`x @ W.T` with `W[n, k] = (q[n, k] - 8) * scale[g, n] + offset[g, n]`, `g = k // group_size`
+(verified on the op, see tests). A GPTQ weight `(q - z) * s` maps exactly onto it with
+`scale = s` and `offset = (8 - z) * s`; both are held in bfloat16, the only activation dtype
+for which the op is fast (0.4 ms against 15 ms in float32 for a 4096x4096 matvec). Scales
+that are not bfloat16-representable are rounded (relative error <= 2**-9, like the cast of
+the activations); symmetric grids (z = 8) have offset 0, so the zero point itself is exact.
+
+The op takes one scale per 32/64/128/256 inputs: larger groups (and group_size=-1, which is
+group_size=in_features) repeat their scale over sub-groups. Act-order weights are stored with
+their input columns sorted by group, and each call gathers the activations in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gptq_plugins.kernels.base import BackendUnsupported
+from gptq_plugins.packing import check_packed, dequantize_packed, unpack_rows, unpack_zeros
+
+OP_GROUP_SIZES = (256, 128, 64, 32)  # what the op accepts, largest (fewest scales) first
+OP_CODE_OFFSET = 8  # the op dequantizes (q - 8) * scale + offset
+OP_OUT_MULTIPLE = 16  # the op's packing needs out_features divisible by 16
+INNER_K_TILES = 8  # packing parameter of the CUDA layout; the CPU layout does not depend on it
+# From about this many rows a bfloat16 matmul beats the int4 kernel 2-3x (benchmarks/kernels.py).
+PREFILL_ROWS = 32
+
+
+@dataclass
+class Int4PackedWeight:
+    packed: torch.Tensor            # uint8 [out, in/2], the op's layout
+    scales_and_zeros: torch.Tensor  # bfloat16 [in/op_group_size, out, 2]: scale, offset
+    op_group_size: int
+    input_order: torch.Tensor | None  # act-order: activation columns in group order
+
+
+def convert_to_int4pack(qweight, qzeros, scales, g_idx, group_size: int) -> Int4PackedWeight:
+    """Convert a packed 4-bit GPTQ layer; raises BackendUnsupported for shapes the op lacks."""
+    in_features, out_features, n_groups = check_packed(qweight, qzeros, scales, g_idx, 4)
+    if out_features % OP_OUT_MULTIPLE:
+        raise BackendUnsupported(f"out_features={out_features} is not a multiple of {OP_OUT_MULTIPLE}")
+    group = in_features if group_size == -1 else group_size
+    op_group_size = next((s for s in OP_GROUP_SIZES if group % s == 0), None)
+    if op_group_size is None or n_groups * group != in_features:
+        raise BackendUnsupported(f"group size {group} ({n_groups} groups of {in_features} inputs): "
+                                 f"the op needs whole groups of a multiple of {min(OP_GROUP_SIZES)} columns")
+    # Sorting columns by group makes every group contiguous (act-order included) provided each
+    # group holds exactly `group` columns, which is how GPTQ assigns them.
+    order = torch.argsort(g_idx, stable=True)
+    positions = torch.arange(in_features, device=g_idx.device)
+    if not torch.equal(g_idx[order].long(), positions // group):
+        raise BackendUnsupported(f"g_idx does not give every group exactly {group} columns")
+    codes = unpack_rows(qweight, 4, in_features)  # [in, out]
+    in_order = torch.equal(order, positions)
+    if not in_order:
+        codes = codes[order]
+    scale = scales.to(torch.bfloat16)
+    offset = ((OP_CODE_OFFSET - unpack_zeros(qzeros, 4, out_features)) * scale.float()).to(torch.bfloat16)
+    scales_and_zeros = torch.stack([scale, offset], dim=-1).repeat_interleave(group // op_group_size, dim=0)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.T.contiguous(), INNER_K_TILES)
+    return Int4PackedWeight(packed, scales_and_zeros.contiguous(), op_group_size,
+                            None if in_order else order)
+
+
+def int4pack_matmul(x: torch.Tensor, weight: Int4PackedWeight) -> torch.Tensor:
+    """`x [M, in] @ W.T` in x's dtype, computed with bfloat16 activations."""
+    x16 = x.to(torch.bfloat16)
+    if weight.input_order is not None:
+        x16 = x16.index_select(1, weight.input_order)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, weight.packed, weight.op_group_size,
+                                                   weight.scales_and_zeros)
+    return y.to(x.dtype)
+
+
+class CpuInt4Backend:
+    """4-bit layers on CPU through PyTorch's int4 kernel (see the module docstring)."""
+
+    name = "cpu_int4"
+    priority = 50
+
+    def supports(self, device_type, bits, group_size, desc_act, dtype) -> bool:
+        return (device_type == "cpu" and bits == 4 and dtype.is_floating_point
+                and (group_size == -1 or group_size % min(OP_GROUP_SIZES) == 0)
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+    def prepare(self, layer) -> Int4PackedWeight:
+        return convert_to_int4pack(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
+                                   layer.group_size)
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return int4pack_matmul(x, layer.kernel_state)
+
+
+class CpuInt4PrefillCacheBackend(CpuInt4Backend):
+    """`cpu_int4` for decode plus a cached bfloat16 weight for prefill-sized batches.
+
+    Prompts run 2-3x faster for 4x the memory of the int4 weight, a trade only the user can
+    make: the lower priority means it is used only when forced by name in `post_init`.
+    """
+
+    name = "cpu_int4_prefill_cache"
+    priority = CpuInt4Backend.priority - 1
+
+    def prepare(self, layer) -> tuple[Int4PackedWeight, torch.Tensor]:
+        dense = dequantize_packed(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits)
+        return super().prepare(layer), dense.to(torch.bfloat16)
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        int4_weight, dense = layer.kernel_state
+        if x.shape[0] < PREFILL_ROWS:
+            return int4pack_matmul(x, int4_weight)
+        return torch.nn.functional.linear(x.to(torch.bfloat16), dense).to(x.dtype)
