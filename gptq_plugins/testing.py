@@ -83,3 +83,12 @@ def greedy_tokens_transformers(artifact_dir: str | os.PathLike, prompt_ids: list
 
     model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=torch.float32)
     return greedy_tokens(model, prompt_ids, n)
+
+
+def write_token_dataset(path: Path, rows: int, seq_len: int, vocab: int, seed: int = 0) -> Path:
+    """Random token ids as a `.jsonl` dataset with an `input_ids` column (needs no tokenizer)."""
+    import json
+
+    ids = torch.randint(0, vocab, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
+    path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids.tolist()))
+    return path
