@@ -47,9 +47,13 @@ def gptq_plugins_export_formats():
 def gptq_plugins_kernel_backends():
     """Return a list of kernel backends for :class:`gptq_plugins.quant_linear.QuantLinear`.
 
-    A backend has ``name``, ``priority`` and ``supports(device_type, bits, group_size, desc_act,
-    dtype)``; ``QuantLinear.post_init`` uses the supported backend with the highest priority. The
-    torch reference backend supports everything and has the lowest priority.
+    A backend has ``name``, ``priority``, ``supports(device_type, bits, group_size, desc_act,
+    dtype)``, ``prepare(layer)`` returning per-layer state (kept as ``layer.kernel_state``) and
+    ``apply(layer, x)`` computing ``x [M, in] @ W.T`` without bias in ``x``'s dtype.
+    ``QuantLinear.post_init`` uses the supported backend with the highest priority (later-registered
+    plugins win ties); ``prepare`` may raise ``gptq_plugins.kernels.BackendUnsupported`` to pass the
+    layer to the next candidate. The torch reference backend supports everything and has the
+    lowest priority.
     """
 
 
