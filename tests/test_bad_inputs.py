@@ -377,8 +377,14 @@ def test_model_code_is_not_run_unless_trusted(model, tmp_path):
                                  "AutoModelForCausalLM": "payload.PayloadModel"})
     check_quantize_inputs(model, tmp_path / "out", QuantizeConfig(**OPTIONS))
     assert not marker.exists()
-    check_quantize_inputs(model, tmp_path / "out", QuantizeConfig(**OPTIONS), trust_remote_code=True)
-    assert marker.exists()  # the same call with trust does run it: the check above can fail
+    # With trust the same call does run it (so the check above can fail). In a child process:
+    # remote code registers Transformers' own Llama classes for auto-class saving, process-wide.
+    trusted = (f"from gptq_plugins.config import QuantizeConfig\n"
+               f"from gptq_plugins.validate import check_quantize_inputs\n"
+               f"check_quantize_inputs({str(model)!r}, {str(tmp_path / 'out')!r}, "
+               f"QuantizeConfig(**{OPTIONS!r}), trust_remote_code=True)\n")
+    subprocess.run([sys.executable, "-c", trusted], check=True, timeout=300)
+    assert marker.exists()
 
 
 # ---------------------------------------------------------------------------- artifact reader
