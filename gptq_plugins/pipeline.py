@@ -1,8 +1,9 @@
 """Layer-by-layer GPTQ over a whole model, as in the paper.
 
-Capture the inputs of the first decoder block; then, block after block, collect each Linear's
-Hessian with forward hooks, quantize the Linears group by group (true-sequential), and feed the
-quantized block's outputs to the next block. Model knowledge comes only from a `ModelLayout`.
+Capture what every decoder block receives (block 0's hidden states, each block's other
+arguments); then, block after block, collect each Linear's Hessian with forward hooks, quantize
+the Linears group by group (true-sequential), and feed the quantized block's outputs to the next
+block. Model knowledge comes only from a `ModelLayout`.
 """
 
 from __future__ import annotations
@@ -72,28 +73,38 @@ def _move(value, device):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: torch.nn.Module, first_block: torch.nn.Module, calibration: torch.Tensor,
-                         sink=None, batch_size: int = CALIBRATION_BATCH) -> list[BatchContext]:
-    """Run the model up to its first decoder block on each calibration batch.
+def capture_block_inputs(model: torch.nn.Module, blocks: torch.nn.ModuleList, calibration: torch.Tensor,
+                         sink=None, batch_size: int = CALIBRATION_BATCH) -> list[list[BatchContext]]:
+    """Run the model on each calibration batch with every decoder block replaced by a recorder.
 
-    Returns each batch's context; the hidden states go to `sink(rows, hidden)` (float32), if given.
+    A recorder keeps what its block receives and passes the hidden states on unchanged, so each
+    block gets its own context (Gemma 2/3 give sliding and full attention layers different masks
+    and rotary tables) without running any block, and skeleton blocks need not be loaded.
+    Returns `contexts[block][batch]`; block 0's hidden states go to `sink(rows, hidden)` (float32).
     """
-    contexts: list[BatchContext] = []
+    contexts: list[list[BatchContext]] = [[] for _ in blocks]
     rows = slice(0, 0)
 
-    def hook(_module, args, kwargs):
-        if args:
-            hidden, rest = args[0], args[1:]
-        else:
-            kwargs = dict(kwargs)
-            hidden, rest = kwargs.pop("hidden_states"), ()
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        contexts.append(BatchContext(rows, rest, kwargs))
-        if sink is not None:
-            sink(rows, hidden.float())
-        raise _StopForward
+    def recorder(index):
+        def forward(*args, **kwargs):
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+            contexts[index].append(BatchContext(rows, rest, kwargs))
+            if index == 0 and sink is not None:
+                sink(rows, hidden.float())
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return hidden
+        return forward
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    # An instance `forward` (accelerate's device hooks install one) is put back afterwards.
+    own_forwards = [block.__dict__.get("forward") for block in blocks]
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)
     device = model.get_input_embeddings().weight.device
     try:
         for start in range(0, calibration.shape[0], batch_size):
@@ -103,11 +114,15 @@ def capture_block_inputs(model: torch.nn.Module, first_block: torch.nn.Module, c
                 model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
             except _StopForward:
                 pass
-            if not contexts or contexts[-1].rows != rows:
-                raise RuntimeError(f"the first decoder block of {type(model).__name__} was not reached "
-                                   "during the calibration forward pass")
+            for index, block_contexts in enumerate(contexts):
+                if not block_contexts or block_contexts[-1].rows != rows:
+                    raise RuntimeError(f"decoder block {index} of {type(model).__name__} was not reached "
+                                       "during the calibration forward pass")
     finally:
-        handle.remove()
+        for block, own in zip(blocks, own_forwards):
+            del block.forward
+            if own is not None:
+                block.forward = own
     return contexts
 
 
@@ -258,7 +273,6 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
     from gptq_plugins.plugins import get_plugin_manager
 
     hook = get_plugin_manager().hook
-    first_block = layout.block_list(model)[0]
     hidden = None
 
     def keep(rows, batch_hidden):
@@ -267,7 +281,8 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
             hidden = store.new(0, (calibration.shape[0], *batch_hidden.shape[1:]))
         hidden[rows] = batch_hidden.to(hidden.device)
 
-    contexts = capture_block_inputs(model, first_block, calibration, sink=None if start else keep)
+    blocks = layout.block_list(model)
+    contexts = capture_block_inputs(model, blocks, calibration, sink=None if start else keep)
     if start:
         hidden = store.load(start)
     per_block = len(layout.linear_names())
@@ -277,11 +292,11 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
         for index in range(start, len(source)):
             block_start = time.perf_counter()
             block = source.load(index)
-            results, rows = _quantize_block(block, index, hidden, contexts, config, layout, device, hook)
+            results, rows = _quantize_block(block, index, hidden, contexts[index], config, layout, device, hook)
             bar.update(len(rows))
             dtype = next(block.parameters()).dtype
             out = store.new(index + 1, hidden.shape)
-            for context in contexts:
+            for context in contexts[index]:
                 out[context.rows] = _run_block(block, hidden[context.rows], context, dtype, device).float().to(out.device)
             if on_block_done is not None:
                 on_block_done(index, results, rows, out)

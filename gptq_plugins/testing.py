@@ -30,26 +30,38 @@ def build_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def build_tiny_model(path: str | os.PathLike, *, model_type: str = "llama", hidden_size: int = 128,
-                     intermediate_size: int = 256, num_hidden_layers: int = 2, num_attention_heads: int = 4,
-                     num_key_value_heads: int | None = None, vocab_size: int = 512,
-                     max_position_embeddings: int = 512, dtype: torch.dtype = torch.float32,
-                     seed: int = 0, with_tokenizer: bool = True, **config_overrides) -> Path:
-    """Save a randomly initialised causal LM of `model_type` (and a local tokenizer) at `path`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def tiny_config(model_type: str = "llama", *, hidden_size: int = 128, intermediate_size: int = 256,
+                num_hidden_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int | None = None,
+                vocab_size: int = 512, max_position_embeddings: int = 512, bos_token_id: int = 0,
+                eos_token_id: int = 1, pad_token_id: int | None = None, **config_overrides):
+    """The Transformers config of a small `model_type` model; `config_overrides` win over the defaults."""
+    from transformers import AutoConfig
+
+    options = dict(
+        hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads or num_attention_heads, vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return AutoConfig.for_model(model_type, **{**options, **config_overrides})
+
+
+def build_tiny_model(path: str | os.PathLike, *, model_type: str = "llama", vocab_size: int = 512,
+                     dtype: torch.dtype = torch.float32, seed: int = 0, with_tokenizer: bool = True,
+                     **config_options) -> Path:
+    """Save a randomly initialised causal LM of `model_type` (and a local tokenizer) at `path`.
+
+    `config_options` go to `tiny_config` (widths, depth, heads, any config field).
+    """
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     tokenizer = build_tokenizer(vocab_size) if with_tokenizer else None
-    config = AutoConfig.for_model(
-        model_type, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads or num_attention_heads,
-        vocab_size=len(tokenizer) if tokenizer is not None else vocab_size,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id if tokenizer is not None else 0,
-        eos_token_id=tokenizer.eos_token_id if tokenizer is not None else 1,
-        pad_token_id=tokenizer.pad_token_id if tokenizer is not None else None,
-        **config_overrides)
+    if tokenizer is not None:
+        config_options = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                          "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                          **config_options}
+    config = tiny_config(model_type, **{"vocab_size": vocab_size, **config_options})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(path)
@@ -83,6 +95,25 @@ def greedy_tokens_transformers(artifact_dir: str | os.PathLike, prompt_ids: list
 
     model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=torch.float32)
     return greedy_tokens(model, prompt_ids, n)
+
+
+@torch.no_grad()
+def dequantized_reference(model_dir: str | os.PathLike, artifact_dir: str | os.PathLike, dtype=torch.float32):
+    """The float source model with each quantized Linear's weight replaced by its dequantized codes.
+
+    What the artifact, loaded by any host, must compute.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from gptq_plugins.artifact import read_artifact
+    from gptq_plugins.packing import dequantize_packed
+
+    artifact = read_artifact(artifact_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    for name in artifact.modules:
+        packed = (artifact.tensor(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx"))
+        model.get_submodule(name).weight.copy_(dequantize_packed(*packed, artifact.config.bits))
+    return model
 
 
 def write_token_dataset(path: Path, rows: int, seq_len: int, vocab: int, seed: int = 0) -> Path:
