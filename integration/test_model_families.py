@@ -42,12 +42,6 @@ FAMILIES = {
 }
 REFUSED = {"mixtral": "fuses the experts", "qwen2_moe": "fuses the experts", "qwen3_moe": "fuses the experts",
            "gpt2": "Conv1D"}
-# Failures of our own vLLM adapter (not of vLLM): kept visible, they turn red once fixed.
-VLLM_ADAPTER_BUGS = {
-    "phi3": "the vLLM adapter's g_idx parameter (SharedGroupIndexParameter) cannot load a checkpoint "
-            "that is already fused (Phi-3's qkv_proj, gate_up_proj): vLLM routes a RowvLLMParameter "
-            "subclass to its per-shard loader, which needs output_dim",
-}
 CALIBRATION = {"num_samples": 8, "seq_len": 32}
 PROMPTS = [[5, 17, 42, 99, 7, 250, 311, 64], [300, 2, 81, 190, 45, 12]]
 NEW_TOKENS = 6
@@ -196,9 +190,7 @@ def test_transformers_loads_the_artifact_as_its_dequantized_weights(families, tr
     assert transformers_tokens[family] == greedy_tokens(reference, PROMPTS, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("family", [
-    pytest.param(family, marks=pytest.mark.xfail(strict=True, reason=VLLM_ADAPTER_BUGS[family]))
-    if family in VLLM_ADAPTER_BUGS else family for family in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_vllm_serves_the_tokens_of_transformers(vllm_results, transformers_tokens, family):
     result = vllm_results[family]
     assert "error" not in result, result.get("error")

@@ -38,6 +38,17 @@ class SharedGroupIndexParameter(RowvLLMParameter):
         super().__init__(**kwargs)
         self.layer_name = layer_name
         self.loaded_from: str | int | None = None
+        layer_loader = self._weight_loader
+
+        def load(param, loaded_weight, loaded_shard_id=None, *args, **kwargs):
+            # A part already fused on disk (Phi-3's qkv_proj) comes with no shard id, and vLLM
+            # would split it along an output dimension a g_idx does not have: take it whole.
+            if loaded_shard_id is None:
+                param._load_shared(loaded_weight, "fused")
+            else:
+                layer_loader(param, loaded_weight, loaded_shard_id, *args, **kwargs)
+
+        self._weight_loader = load
 
     def load_merged_column_weight(self, loaded_weight: torch.Tensor, **kwargs):
         self._load_shared(loaded_weight, kwargs.get("shard_id"))
@@ -108,9 +119,11 @@ class GPTQPluginsLinearMethod(LinearMethodBase):
         qweight = PackedvLLMParameter(
             data=torch.empty(input_size_per_partition * bits // WORD_BITS, out_features, dtype=torch.int32),
             input_dim=0, output_dim=1, packed_dim=0, packed_factor=packed_factor, weight_loader=loader)
-        g_idx = SharedGroupIndexParameter(
-            layer_name=name, data=torch.empty(input_size_per_partition, dtype=torch.int32), input_dim=0,
-            weight_loader=loader)
+        g_idx_data = torch.empty(input_size_per_partition, dtype=torch.int32)
+        if len(output_partition_sizes) > 1:  # parts vLLM fuses must agree on one g_idx
+            g_idx = SharedGroupIndexParameter(layer_name=name, data=g_idx_data, input_dim=0, weight_loader=loader)
+        else:
+            g_idx = RowvLLMParameter(data=g_idx_data, input_dim=0, weight_loader=loader)
         zeros_data = torch.empty(n_groups, out_features * bits // WORD_BITS, dtype=torch.int32)
         scales_data = torch.empty(n_groups, out_features, dtype=params_dtype)
         if groups_follow_rows:
