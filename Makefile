@@ -17,7 +17,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 
 DEMO_DIR := demo_out
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench bench-quality clean
 
 venv: $(STAMP)
 
@@ -38,10 +38,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests integration
 
+# Benchmarks write JSON under benchmarks/results/; they take long (minutes to an hour on 2 cores).
 bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/solver.py
 	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/peer_case.py
+	$(PY) benchmarks/vllm_serve.py
+	$(PY) benchmarks/quality.py
+
+# The perplexity table of the README (trains the cached reference model first if needed).
+bench-quality: $(STAMP)
+	$(PY) benchmarks/quality.py
 
 clean:
-	rm -rf $(DEMO_DIR) benchmarks/results
+	rm -rf $(DEMO_DIR) benchmarks/cache
