@@ -132,7 +132,8 @@ def _run_block(block, hidden: torch.Tensor, context: BatchContext, dtype, device
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _collect_hessians(block, linears: dict[str, torch.nn.Linear], hidden, contexts, dtype, device):
+def _collect_hessians(block, linears: dict[str, torch.nn.Linear], hidden, contexts, dtype, device,
+                      matmul_dtype: torch.dtype = torch.float32):
     """Forward every calibration batch through `block`, accumulating each Linear's Hessian.
 
     Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator, so each
@@ -151,7 +152,8 @@ def _collect_hessians(block, linears: dict[str, torch.nn.Linear], hidden, contex
         if id(x) in owners:
             accumulators.setdefault(name, owners[id(x)][1])
         else:
-            acc = accumulators.setdefault(name, HessianAccumulator(layer.in_features, device=device))
+            acc = accumulators.setdefault(name, HessianAccumulator(layer.in_features, device=device,
+                                                                      matmul_dtype=matmul_dtype))
             acc.add(x)
             owners[id(x)] = (x, acc)
         if len(called) == len(linears):
@@ -224,7 +226,8 @@ def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig,
     groups = layout.sequential if config.true_sequential else (tuple(layout.linear_names()),)
     for group in groups:
         linears = {name: block.get_submodule(name) for name in group}
-        accumulators = _collect_hessians(block, linears, hidden, contexts, dtype, device)
+        accumulators = _collect_hessians(block, linears, hidden, contexts, dtype, device,
+                                         getattr(torch, config.hessian_dtype))
         for name, layer in linears.items():
             start = time.perf_counter()
             path = f"{layout.blocks}.{index}.{name}"

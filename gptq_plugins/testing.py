@@ -123,3 +123,14 @@ def write_token_dataset(path: Path, rows: int, seq_len: int, vocab: int, seed: i
     ids = torch.randint(0, vocab, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
     path.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids.tolist()))
     return path
+
+
+def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in `directory` (no validation: tests corrupt them)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors

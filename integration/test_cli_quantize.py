@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gptq_plugins.artifact import ArtifactError, read_artifact
-from gptq_plugins.testing import build_tiny_model
+from gptq_plugins.testing import build_tiny_model, read_tensors
 
 HIDDEN, INTER, LAYERS = 128, 256, 2
 CLI = [sys.executable, "-m", "gptq_plugins.cli"]
@@ -42,14 +41,6 @@ def artifact(model_dir, tmp_path_factory):
     return out
 
 
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def test_artifact_files_and_config(artifact, model_dir):
     names = {p.name for p in artifact.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "quantization_report.json",
@@ -59,7 +50,7 @@ def test_artifact_files_and_config(artifact, model_dir):
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (4, 64, True, False)
     assert qc["meta"]["quantizer"][0].startswith("gptq-plugins:")
     index = json.loads((artifact / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(tensors(artifact))
+    assert set(index["weight_map"]) == set(read_tensors(artifact))
     leftovers = [p.name for p in artifact.parent.iterdir() if p.name.startswith(".")]
     assert leftovers == []
 
@@ -72,7 +63,7 @@ def test_artifact_files_and_config(artifact, model_dir):
     ("mlp.down_proj", INTER, HIDDEN),
 ])
 def test_quantized_tensors_have_the_gptq_v1_shapes(artifact, module, in_features, out_features):
-    all_tensors = tensors(artifact)
+    all_tensors = read_tensors(artifact)
     for layer in range(LAYERS):
         prefix = f"model.layers.{layer}.{module}"
         groups = in_features // 64
@@ -86,7 +77,7 @@ def test_quantized_tensors_have_the_gptq_v1_shapes(artifact, module, in_features
 
 
 def test_float_modules_stay_float(artifact):
-    all_tensors = tensors(artifact)
+    all_tensors = read_tensors(artifact)
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
                  "model.layers.0.input_layernorm.weight"):
         assert all_tensors[name].dtype == torch.float32

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig, pipeline
 from transformers.quantizers import auto as hf_quantizers
 
@@ -24,7 +23,7 @@ from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.packing import dequantize_packed
 from gptq_plugins.pipeline import calibration_for, load_model, quantize_model
 from gptq_plugins.quant_linear import QuantLinear
-from gptq_plugins.testing import build_tiny_model, greedy_tokens, greedy_tokens_transformers
+from gptq_plugins.testing import build_tiny_model, read_tensors, greedy_tokens, greedy_tokens_transformers
 from gptq_plugins_transformers import GPTQPluginsConfig
 
 CALIBRATION = {"num_samples": 8, "seq_len": 64}
@@ -65,14 +64,6 @@ def artifacts(model_dir, tmp_path_factory):
             shutil.copy2(model_dir / name, path / name)
         paths[bits, desc_act] = path
     return paths
-
-
-def tensor_files(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -257,7 +248,7 @@ def test_quantize_on_load_then_save_pretrained_equals_the_cli(model_dir, prompt_
     assert len(quant_linears(model)) == 14
     model.save_pretrained(tmp_path / "on_load")
 
-    cli, on_load = tensor_files(tmp_path / "cli"), tensor_files(tmp_path / "on_load")
+    cli, on_load = read_tensors(tmp_path / "cli"), read_tensors(tmp_path / "on_load")
     assert sorted(cli) == sorted(on_load)
     assert [name for name in cli if not same_bytes(cli[name], on_load[name])] == []
     config_of = lambda path: json.loads((path / "config.json").read_text())["quantization_config"]  # noqa: E731
@@ -267,7 +258,7 @@ def test_quantize_on_load_then_save_pretrained_equals_the_cli(model_dir, prompt_
     assert_close_logits(logits(model, prompt_ids), logits(reloaded, prompt_ids), rtol=1e-6)
     # Loading an artifact and saving it again (e.g. to push it) changes nothing either.
     reloaded.save_pretrained(tmp_path / "resaved")
-    resaved = tensor_files(tmp_path / "resaved")
+    resaved = read_tensors(tmp_path / "resaved")
     assert sorted(resaved) == sorted(cli) and all(same_bytes(cli[name], resaved[name]) for name in cli)
     assert config_of(tmp_path / "resaved") == config_of(tmp_path / "cli")
 
@@ -285,7 +276,7 @@ def test_convert_round_trip_links_tensors_and_keeps_them(artifacts, tmp_path, ca
     for file in src.glob("*.safetensors"):
         for out in (tmp_path / "gptq", tmp_path / "back"):
             assert os.path.samefile(file, out / file.name)  # hard link: the same bytes, never rewritten
-    original, back = tensor_files(src), tensor_files(tmp_path / "back")
+    original, back = read_tensors(src), read_tensors(tmp_path / "back")
     assert sorted(original) == sorted(back) and all(same_bytes(original[k], back[k]) for k in original)
 
 

@@ -26,6 +26,7 @@ def test_defaults_are_valid_and_documented():
     ({"seq_len": -1}, "seq_len"),
     ({"dataset": ""}, "dataset"),
     ({"block_size": 0}, "block_size"),
+    ({"hessian_dtype": "float16"}, "hessian_dtype"),
 ])
 def test_bad_option_names_the_option(changes, option):
     with pytest.raises(ConfigError) as err:
@@ -49,6 +50,7 @@ def test_layer_checks_name_the_layer():
     QuantizeConfig(),
     QuantizeConfig(bits=3, group_size=32, sym=False, desc_act=True, static_groups=True, mse_clip=True),
     QuantizeConfig(bits=8, group_size=-1, format="gptq", true_sequential=False, damp_percent=0.05),
+    QuantizeConfig(hessian_dtype="bfloat16", seed=7, num_samples=3),
 ])
 def test_quantization_config_round_trip_is_json_clean(cfg):
     qc = json.loads(json.dumps(cfg.to_quantization_config(version="9.9", modules_not_to_convert=["lm_head"])))

@@ -43,3 +43,16 @@ def test_in_memory_quantization_changes_weights_to_their_grid(model_dir):
     assert torch.equal(after, results["model.layers.0.mlp.down_proj"].dequantize())
     assert not torch.equal(after, before)
     assert report["summary"]["layers"] == 7
+
+
+def test_bfloat16_hessian_gives_nearly_the_same_layers(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(128).view(4, 32) % 50
+    errors = {}
+    for dtype in ("float32", "bfloat16"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        _, report = quantize_modules(model, CONFIG.replace(hessian_dtype=dtype), ids, progress=False)
+        errors[dtype] = report["summary"]["mean_relative_error"]
+    assert errors["bfloat16"] != errors["float32"]  # the option reaches the accumulator
+    assert abs(errors["bfloat16"] - errors["float32"]) <= 0.05 * errors["float32"]

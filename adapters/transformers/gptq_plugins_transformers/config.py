@@ -12,11 +12,8 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from gptq_plugins.config import QUANT_METHOD, ConfigError, QuantizeConfig
+from gptq_plugins.config import CALIBRATION_META_KEYS, QUANT_METHOD, ConfigError, QuantizeConfig
 
-# Options read from `meta.calibration` of a written block; given as keyword arguments they choose
-# the calibration data of a quantize-on-load.
-CALIBRATION_OPTIONS = ("dataset", "num_samples", "seq_len", "seed")
 SOURCE = "GPTQPluginsConfig"
 # Keys stock GPTQ writers put in `quantization_config` that share a name with one of our options.
 FOREIGN_KEYS_NAMED_LIKE_OPTIONS = ("dataset", "format")
@@ -26,7 +23,7 @@ class GPTQPluginsConfig(QuantizationConfigMixin):
     """`from_pretrained(path, quantization_config=GPTQPluginsConfig(bits=4, group_size=128))`.
 
     Keyword arguments are the `QuantizeConfig` options (`bits`, `group_size`, `sym`, `desc_act`,
-    ..., and `dataset`, `num_samples`, `seq_len`, `seed` for the calibration of a quantize-on-load)
+    ..., and `dataset`, `num_samples`, `seq_len`, `seed`, `hessian_dtype` for a quantize-on-load)
     and every key of a written `quantization_config` block, so `GPTQPluginsConfig(**c.to_dict())`
     rebuilds `c`. Options read and write through to the held `QuantizeConfig` (`c.bits = 3`
     validates like the constructor).
@@ -42,7 +39,7 @@ class GPTQPluginsConfig(QuantizationConfigMixin):
                               f"{format!r} (write a stock GPTQ copy with `gptq-plugins convert`)")
         meta = dict(meta or {})
         calibration = {**(meta.pop("calibration", None) or {}),
-                       **{key: options.pop(key) for key in CALIBRATION_OPTIONS if key in options}}
+                       **{key: options.pop(key) for key in CALIBRATION_META_KEYS if key in options}}
         block = {**options, "quant_method": QUANT_METHOD, "meta": {"calibration": calibration}}
         self.quant_method = QUANT_METHOD
         self.quantize_config = QuantizeConfig.from_quantization_config(block, source=SOURCE, strict=True)
