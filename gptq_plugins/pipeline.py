@@ -228,13 +228,16 @@ def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig,
         linears = {name: block.get_submodule(name) for name in group}
         accumulators = _collect_hessians(block, linears, hidden, contexts, dtype, device,
                                          getattr(torch, config.hessian_dtype))
+        # One Hessian per distinct input (shared by q/k/v, gate/up); the running buffers go at once.
+        by_input = {id(acc): (acc.hessian(), acc.num_tokens) for acc in accumulators.values()}
+        hessians = {name: by_input[id(acc)] for name, acc in accumulators.items()}
+        del accumulators, by_input
         for name, layer in linears.items():
             start = time.perf_counter()
             path = f"{layout.blocks}.{index}.{name}"
-            acc = accumulators[name]
-            if acc.num_tokens == 0:
+            hessian, tokens = hessians.pop(name)
+            if tokens == 0:
                 raise RuntimeError(f"{path}: received no calibration tokens")
-            hessian = acc.hessian()
             if not hessian.diagonal().any():
                 raise CalibrationError(f"{path}: every calibration input was zero, so GPTQ would zero "
                                        "the weight; expected varied calibration text")
@@ -252,7 +255,7 @@ def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig,
                 "damp_percent": result.damp_percent,
                 "damping_escalated": result.damp_percent > config.damp_percent,
                 "fallback": result.fallback,
-                "tokens": acc.num_tokens,
+                "tokens": tokens,
                 "seconds": round(time.perf_counter() - start, 4),
             }
             if result.fallback:
