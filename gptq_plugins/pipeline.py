@@ -500,8 +500,8 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
                    start=state["next_block"] if state else 0, progress=progress, on_block_done=checkpoint_block)
         quantized = quantized_paths(layout, len(blocks))
         if checkpoint is not None:
-            floats = {name: checkpoint.tensor(name) for name in checkpoint.weight_map
-                      if name.rsplit(".", 1)[0] not in quantized}
+            floats = checkpoint.tensors(name for name in checkpoint.weight_map
+                                        if name.rsplit(".", 1)[0] not in quantized)
         else:
             floats = float_tensors(model, quantized)
         writer.add(dict(sorted(floats.items())))

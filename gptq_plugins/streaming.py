@@ -19,20 +19,27 @@ from gptq_plugins.artifact import read_weight_map
 
 
 class SourceCheckpoint:
-    """Tensors of a model directory's safetensors files, read by name (memory-mapped)."""
+    """Tensors of a model directory's safetensors files, read by name.
+
+    Each read opens the files it needs and closes them again: a mapping kept open would keep
+    every page read so far resident, and the process's memory would grow with the model's depth.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.weight_map = read_weight_map(self.path)
-        self._files: dict[str, object] = {}
 
-    def tensor(self, name: str) -> torch.Tensor:
-        file = self.weight_map.get(name)
-        if file is None:
-            raise KeyError(f"{self.path}: tensor {name!r} is not in the checkpoint")
-        if file not in self._files:
-            self._files[file] = safe_open(str(self.path / file), framework="pt")
-        return self._files[file].get_tensor(name)
+    def tensors(self, names) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise KeyError(f"{self.path}: tensor {name!r} is not in the checkpoint")
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(self.path / file), framework="pt") as f:
+                out.update({name: f.get_tensor(name) for name in file_names})
+        return out
 
 
 def empty_model(path: str | os.PathLike, *, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -52,11 +59,10 @@ def materialize(module: torch.nn.Module, prefix: str, checkpoint: SourceCheckpoi
     """Fill `module`'s parameters and persistent buffers from the checkpoint (names under `prefix`)."""
     from accelerate.utils import set_module_tensor_to_device
 
-    for name in module.state_dict():
-        full = f"{prefix}{name}"
-        if full.startswith(skip):
-            continue
-        set_module_tensor_to_device(module, name, device, value=checkpoint.tensor(full))
+    names = [name for name in module.state_dict() if not f"{prefix}{name}".startswith(skip)]
+    values = checkpoint.tensors(f"{prefix}{name}" for name in names)
+    for name in names:
+        set_module_tensor_to_device(module, name, device, value=values.pop(f"{prefix}{name}"))
 
 
 def release(module: torch.nn.Module) -> None:
