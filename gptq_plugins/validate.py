@@ -133,7 +133,7 @@ def _architecture(model_dir: Path, trust_remote_code: bool):
         if "auto_map" in model_config and not trust_remote_code:
             problem = (f"{config_file}: model_type {model_type!r} is implemented by code in the model "
                        "directory (auto_map), which is not run unless asked; expected "
-                       "--trust-remote-code (trust_remote_code=True) if you trust it")
+                       "--trust-remote-code (Python: trust_remote_code) if you trust it")
         else:
             problem = f"{config_file}: transformers cannot build a {model_type!r} model from it ({err})"
         return None, None, problems + [problem]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pickle
+from copy import deepcopy
 
 import pytest
 import torch
@@ -113,11 +113,12 @@ def test_prefill_cache_backend_only_when_forced():
     assert torch.equal(layer(x), (x.bfloat16() @ weight.bfloat16().T).float())
 
 
-def test_prepared_layer_pickles():
+def test_prepared_layer_deep_copies():
+    """Hosts copy modules (e.g. deepcopy for tied or duplicated layers); the prepared state follows."""
     layer = QuantLinear.from_quantized(random_quantized(64, 256, 4, 128, True), dtype=torch.float32)
     x = torch.randn(2, 256)
     y = layer(x)
-    copy = pickle.loads(pickle.dumps(layer))
+    copy = deepcopy(layer)
     assert torch.equal(copy(x), y)
 
 
