@@ -207,18 +207,21 @@ def _headers(model_dir: Path, weight_map: dict[str, str]) -> dict[str, tuple[str
 
 def _non_finite_problems(model_dir: Path, weight_map: dict[str, str],
                          headers: dict[str, tuple[str, list[int]]]) -> list[str]:
-    """Every float tensor with NaN or inf values, read one slice at a time."""
+    """Every float tensor with NaN or inf values, read one slice at a time.
+
+    The file is opened again for each tensor: a mapping kept open would keep every page read so
+    far resident, and this scan alone would need memory the size of the model.
+    """
     problems = []
-    for file in sorted(set(weight_map.values())):
+    for name, file in sorted(weight_map.items(), key=lambda item: (item[1], item[0])):
+        dtype, shape = headers[name]
+        if dtype not in FLOAT_DTYPES:
+            continue
         with safe_open(str(model_dir / file), framework="pt") as f:
-            for name in f.keys():
-                dtype, shape = headers[name]
-                if dtype not in FLOAT_DTYPES:
-                    continue
-                bad = _count_non_finite(f, name, shape)
-                if bad:
-                    problems.append(f"{model_dir / file}: tensor {name!r} has {bad} non-finite values "
-                                    f"(NaN or inf) of {math.prod(shape)}; expected finite weights")
+            bad = _count_non_finite(f, name, shape)
+        if bad:
+            problems.append(f"{model_dir / file}: tensor {name!r} has {bad} non-finite values "
+                            f"(NaN or inf) of {math.prod(shape)}; expected finite weights")
     return problems
 
 
