@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from gptq_plugins.testing import build_tiny_model, write_token_dataset
+from gptq_plugins.testing import write_token_dataset
 
 RESULTS = Path(__file__).parent / "results" / "memory.json"
 CACHE = Path(__file__).parent / "cache" / "memory"
@@ -54,9 +54,14 @@ def main() -> None:
     for blocks in args.blocks:
         model = CACHE / f"llama-h{args.hidden}-b{blocks}"
         if not (model / "config.json").is_file():
-            build_tiny_model(model, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
-                             num_hidden_layers=blocks, num_attention_heads=args.hidden // 64,
-                             vocab_size=vocab, max_position_embeddings=args.seq_len, with_tokenizer=False)
+            # In a child process: a child forked from a parent that holds the built model would
+            # count the parent's pages in its own peak RSS until it execs.
+            build = (f"from gptq_plugins.testing import build_tiny_model\n"
+                     f"build_tiny_model({str(model)!r}, hidden_size={args.hidden}, "
+                     f"intermediate_size={args.hidden * 3}, num_hidden_layers={blocks}, "
+                     f"num_attention_heads={args.hidden // 64}, vocab_size={vocab}, "
+                     f"max_position_embeddings={args.seq_len}, with_tokenizer=False)\n")
+            subprocess.run([sys.executable, "-c", build], check=True, stderr=subprocess.DEVNULL)
         size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
         row = {"blocks": blocks, "safetensors_mib": round(size / 2**20, 1),
                **run_cli(model, CACHE / "out", dataset, args)}
