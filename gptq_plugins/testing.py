@@ -134,3 +134,19 @@ def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         with safe_open(str(file), framework="pt") as f:
             tensors.update({name: f.get_tensor(name) for name in f.keys()})
     return tensors
+
+
+def rewrite_tensor(directory: str | os.PathLike, name: str, change) -> None:
+    """Replace tensor `name` of a saved checkpoint by `change(tensor)`, in the shard that holds it.
+
+    For tests that corrupt an artifact on purpose: the index and every other tensor stay as they are.
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    shard = directory / json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = change(tensors[name]).contiguous()
+    save_file(tensors, shard, metadata={"format": "pt"})

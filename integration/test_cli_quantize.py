@@ -7,11 +7,9 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from gptq_plugins.artifact import ArtifactError, read_artifact
-from gptq_plugins.testing import build_tiny_model, read_tensors
+from gptq_plugins.testing import build_tiny_model, read_tensors, rewrite_tensor
 
 HIDDEN, INTER, LAYERS = 128, 256, 2
 CLI = [sys.executable, "-m", "gptq_plugins.cli"]
@@ -116,12 +114,7 @@ def test_reader_rejects_a_truncated_shard(artifact, tmp_path):
 def test_reader_names_a_tensor_with_the_wrong_shape(artifact, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(artifact, broken)
-    name = "model.layers.0.mlp.up_proj.scales"
-    shard = broken / json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"][name]
-    with safe_open(str(shard), framework="pt") as f:
-        data = {k: f.get_tensor(k) for k in f.keys()}
-    data[name] = data[name][:, :-1].contiguous()
-    save_file(data, str(shard), metadata={"format": "pt"})
+    rewrite_tensor(broken, "model.layers.0.mlp.up_proj.scales", lambda scales: scales[:, :-1])
     with pytest.raises(ArtifactError, match=r"model.layers.0.mlp.up_proj.scales.*expected F16 \[2, 256\]"):
         read_artifact(broken)
 

@@ -163,30 +163,23 @@ def artifacts(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mismatched_artifact(artifacts, tmp_path_factory):
     """b4-sym with one `scales` tensor a group too long: its config promises another shape."""
-    from safetensors.torch import load_file, save_file
+    from gptq_plugins.testing import rewrite_tensor
 
     path = tmp_path_factory.mktemp("bad") / "b4-sym-bad-scales"
     shutil.copytree(artifacts["b4-sym"], path)
     name = "model.layers.1.mlp.down_proj.scales"
-    shard = path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
-    tensors = load_file(shard)
-    tensors[name] = tensors[name].repeat(2, 1)[: tensors[name].shape[0] + 1]
-    save_file(tensors, shard, metadata={"format": "pt"})
+    rewrite_tensor(path, name, lambda scales: scales.repeat(2, 1)[: scales.shape[0] + 1])
     return path, name
 
 
 @pytest.fixture(scope="module")
 def fused_parts_disagree(artifacts, tmp_path_factory):
     """b4-asym-act whose k_proj carries another (valid) act-order g_idx than q_proj and v_proj."""
-    from safetensors.torch import load_file, save_file
+    from gptq_plugins.testing import rewrite_tensor
 
     path = tmp_path_factory.mktemp("bad") / "b4-asym-act-k-g_idx"
     shutil.copytree(artifacts["b4-asym-act"], path)
-    name = "model.layers.0.self_attn.k_proj.g_idx"
-    shard = path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
-    tensors = load_file(shard)
-    tensors[name] = tensors[name].flip(0).contiguous()
-    save_file(tensors, shard, metadata={"format": "pt"})
+    rewrite_tensor(path, "model.layers.0.self_attn.k_proj.g_idx", lambda g_idx: g_idx.flip(0))
     return path
 
 
