@@ -35,5 +35,5 @@ def gptq_plugins_kernel_backends():
 
 @hookimpl
 def gptq_plugins_describe():
-    return ("core: layouts for Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, OPT, GPT-NeoX, builtin and file "
-            "calibration, gptq_plugins/gptq formats, torch/CPU-int4/Triton kernels")
+    return ("core: layouts for Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, OPT, GPT-NeoX, GPT-2, Mixtral, "
+            "Qwen2/3-MoE, builtin and file calibration, gptq_plugins/gptq formats, torch/CPU-int4/Triton kernels")

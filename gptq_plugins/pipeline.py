@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +22,16 @@ from gptq_plugins.calibration import CalibrationError
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.hessian import HessianAccumulator
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
+from gptq_plugins.linear_weights import features, read_weight, write_weight
 from gptq_plugins.packing import pack_quantized
 from gptq_plugins.report import summarize
 from gptq_plugins.solver import QuantizedWeight, quantize_weight, rtn
 
 log = logging.getLogger("gptq_plugins")
 CALIBRATION_BATCH = 8
+# An expert calibrated on fewer routed tokens than this fraction of its input width gets
+# round-to-nearest: its Hessian spans too few directions for GPTQ's updates to generalise.
+MIN_EXPERT_TOKENS_PER_INPUT = 0.1
 
 
 class _StopForward(Exception):
@@ -132,14 +136,16 @@ def _run_block(block, hidden: torch.Tensor, context: BatchContext, dtype, device
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _collect_hessians(block, linears: dict[str, torch.nn.Linear], hidden, contexts, dtype, device,
-                      matmul_dtype: torch.dtype = torch.float32):
+def _collect_hessians(block, linears: dict[str, torch.nn.Module], hidden, contexts, dtype, device,
+                      matmul_dtype: torch.dtype = torch.float32, routed: frozenset[str] = frozenset()):
     """Forward every calibration batch through `block`, accumulating each Linear's Hessian.
 
     Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator, so each
     distinct input costs one `X^T X`; once every Linear of the group has seen its input the
-    forward stops, since the rest of the block cannot change these Hessians.
-    Returns `{name: accumulator}` (shared accumulators appear under several names).
+    forward stops, since the rest of the block cannot change these Hessians. The `routed` ones
+    (experts) run only on the tokens routed to them, possibly none.
+    Returns `{name: accumulator}` (shared accumulators appear under several names; a routed
+    Linear that never ran has none).
     """
     accumulators: dict[str, HessianAccumulator] = {}
     owners: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # per batch; keeps inputs alive
@@ -152,7 +158,7 @@ def _collect_hessians(block, linears: dict[str, torch.nn.Linear], hidden, contex
         if id(x) in owners:
             accumulators.setdefault(name, owners[id(x)][1])
         else:
-            acc = accumulators.setdefault(name, HessianAccumulator(layer.in_features, device=device,
+            acc = accumulators.setdefault(name, HessianAccumulator(features(layer).in_features, device=device,
                                                                       matmul_dtype=matmul_dtype))
             acc.add(x)
             owners[id(x)] = (x, acc)
@@ -169,7 +175,7 @@ def _collect_hessians(block, linears: dict[str, torch.nn.Linear], hidden, contex
                 _run_block(block, hidden[context.rows], context, dtype, device)
             except _StopForward:
                 pass
-            missing = set(linears) - called
+            missing = set(linears) - called - routed
             if missing:
                 raise RuntimeError(f"{sorted(missing)} did not run in the block forward")
     finally:
@@ -199,8 +205,8 @@ class LoadedBlocks:
 class StreamedBlocks:
     """Blocks of an empty skeleton, filled from the source safetensors only while worked on."""
 
-    def __init__(self, blocks: torch.nn.ModuleList, prefix: str, checkpoint, device: torch.device):
-        self.blocks, self.prefix, self.checkpoint, self.device = blocks, prefix, checkpoint, device
+    def __init__(self, blocks: torch.nn.ModuleList, layout: ModelLayout, checkpoint, device: torch.device):
+        self.blocks, self.layout, self.checkpoint, self.device = blocks, layout, checkpoint, device
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -208,7 +214,8 @@ class StreamedBlocks:
     def load(self, index: int) -> torch.nn.Module:
         from gptq_plugins.streaming import materialize
 
-        materialize(self.blocks[index], f"{self.prefix}.{index}.", self.checkpoint, self.device)
+        materialize(self.blocks[index], f"{self.layout.blocks}.{index}.", self.checkpoint, self.device,
+                    rename=self.layout.checkpoint_name)
         return self.blocks[index]
 
     def release(self, index: int, block: torch.nn.Module) -> None:
@@ -223,11 +230,14 @@ def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig,
     dtype = next(block.parameters()).dtype
     results: dict[str, QuantizedWeight] = {}
     rows: list[dict] = []
-    groups = layout.sequential if config.true_sequential else (tuple(layout.linear_names()),)
+    groups = layout.block_sequential(index, block)
+    if not config.true_sequential:
+        groups = (tuple(name for group in groups for name in group),)
     for group in groups:
         linears = {name: block.get_submodule(name) for name in group}
         accumulators = _collect_hessians(block, linears, hidden, contexts, dtype, device,
-                                         getattr(torch, config.hessian_dtype))
+                                         getattr(torch, config.hessian_dtype),
+                                         routed=frozenset(filter(layout.is_expert, group)))
         # One Hessian per distinct input (shared by q/k/v, gate/up); the running buffers go at once.
         by_input = {id(acc): (acc.hessian(), acc.num_tokens) for acc in accumulators.values()}
         hessians = {name: by_input[id(acc)] for name, acc in accumulators.items()}
@@ -235,17 +245,11 @@ def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig,
         for name, layer in linears.items():
             start = time.perf_counter()
             path = f"{layout.blocks}.{index}.{name}"
-            hessian, tokens = hessians.pop(name)
-            if tokens == 0:
-                raise RuntimeError(f"{path}: received no calibration tokens")
-            if not hessian.diagonal().any():
-                raise CalibrationError(f"{path}: every calibration input was zero, so GPTQ would zero "
-                                       "the weight; expected varied calibration text")
-            weight = layer.weight.data.float()
-            try:
-                result = quantize_weight(weight, hessian, config)
-            except ValueError as err:
-                raise ValueError(f"{path}: {err}") from None
+            hessian, tokens = hessians.pop(name, (None, 0))
+            weight = read_weight(layer).float()
+            result = _solve_layer(path, weight, hessian, tokens, config, routed=layout.is_expert(name))
+            if hessian is None:  # an expert no token reached: errors measured on the weights
+                hessian = torch.eye(weight.shape[1], device=weight.device)
             approx = result.dequantize()
             row = {
                 "name": path,
@@ -260,11 +264,29 @@ def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig,
             }
             if result.fallback:
                 log.warning("%s: %s", path, result.fallback)
-            layer.weight.data = approx.to(layer.weight.dtype)
+            write_weight(layer, approx)
             results[path] = result
             rows.append(row)
             hook.gptq_plugins_layer_quantized(name=path, result=result, record=row)
     return results, rows
+
+
+def _solve_layer(path: str, weight: torch.Tensor, hessian: torch.Tensor | None, tokens: int,
+                 config: QuantizeConfig, *, routed: bool) -> QuantizedWeight:
+    """GPTQ for one Linear; round-to-nearest, reported as a fallback, for an expert routed too few tokens."""
+    if routed and tokens < MIN_EXPERT_TOKENS_PER_INPUT * weight.shape[1]:
+        reason = (f"expert routed {tokens} calibration tokens, fewer than {MIN_EXPERT_TOKENS_PER_INPUT:.0%} of "
+                  f"its {weight.shape[1]} inputs; used round-to-nearest")
+        return replace(rtn(weight, config, hessian), damp_percent=config.damp_percent, fallback=reason)
+    if tokens == 0:
+        raise RuntimeError(f"{path}: received no calibration tokens")
+    if not hessian.diagonal().any():
+        raise CalibrationError(f"{path}: every calibration input was zero, so GPTQ would zero "
+                               "the weight; expected varied calibration text")
+    try:
+        return quantize_weight(weight, hessian, config)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 @torch.no_grad()
@@ -291,8 +313,8 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
     contexts = capture_block_inputs(model, blocks, calibration, sink=None if start else keep)
     if start:
         hidden = store.load(start)
-    per_block = len(layout.linear_names())
-    bar = tqdm(total=len(source) * per_block, initial=start * per_block, desc="quantizing", unit="layer",
+    per_block = [len(layout.block_linear_names(index, block)) for index, block in enumerate(blocks)]
+    bar = tqdm(total=sum(per_block), initial=sum(per_block[:start]), desc="quantizing", unit="layer",
                disable=not progress)
     try:
         for index in range(start, len(source)):
@@ -333,6 +355,7 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
     from gptq_plugins.streaming import ActivationStore
 
     layout = layout or layout_for(model)
+    layout.prepare(model)
     blocks = layout.block_list(model)
     check_layers(blocks, layout, config)
     device = torch.device(device) if device else next(model.parameters()).device
@@ -353,8 +376,8 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
 def check_layers(blocks, layout: ModelLayout, config: QuantizeConfig) -> None:
     """Fail before any heavy work if a Linear is missing or cannot be stored with these options."""
     for index, block in enumerate(blocks):
-        for path, layer in layout.block_linears(index, block).items():
-            config.check_layer(layer.in_features, layer.out_features, name=path)
+        for path, shape in layout.block_shapes(index, block).items():
+            config.check_layer(*shape, name=path)
 
 
 def packed_tensors(path: str, result: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -427,8 +450,10 @@ def quantization_config_for(model, config: QuantizeConfig, calibration: torch.Te
         extra_meta={"calibration_tokens": int(calibration.numel())})
 
 
-def quantized_paths(layout: ModelLayout, n_blocks: int) -> set[str]:
-    return {f"{layout.blocks}.{i}.{name}" for i in range(n_blocks) for name in layout.linear_names()}
+def quantized_paths(layout: ModelLayout, blocks: torch.nn.ModuleList) -> set[str]:
+    """Module paths of every Linear the layout quantizes (after `prepare`)."""
+    return {f"{layout.blocks}.{i}.{name}" for i, block in enumerate(blocks)
+            for name in layout.block_linear_names(i, block)}
 
 
 def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeConfig,
@@ -460,6 +485,7 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
     else:
         model, tokenizer = model_or_path, None
     layout = layout_for(model)
+    layout.prepare(model)
     blocks = layout.block_list(model)
     check_layers(blocks, layout, config)
     device = torch.device(device) if device else torch.device("cpu") if checkpoint else next(model.parameters()).device
@@ -481,8 +507,9 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
         store = ActivationStore(writer.scratch, offload=offload_activations, device=device)
         if checkpoint is not None:  # embeddings and the like; the head is never needed
             for name, module in model.named_children():
-                materialize(module, f"{name}.", checkpoint, device, skip=(layout.blocks + ".", *layout.keep_float))
-            source = StreamedBlocks(blocks, layout.blocks, checkpoint, device)
+                materialize(module, f"{name}.", checkpoint, device, skip=(layout.blocks + ".", *layout.keep_float),
+                            rename=layout.checkpoint_name)
+            source = StreamedBlocks(blocks, layout, checkpoint, device)
         else:
             source = LoadedBlocks(blocks, device)
         if state is None:
@@ -491,19 +518,20 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
 
         def checkpoint_block(index, block_results, block_rows, next_hidden):
             for path, result in block_results.items():
-                writer.add(packed_tensors(path, result, model.get_submodule(path).bias))
+                writer.add(packed_tensors(layout.checkpoint_name(path), result, model.get_submodule(path).bias))
             rows.extend(block_rows)
             store.persist(index + 1, next_hidden)
             writer.checkpoint({"config": config.to_dict(), "next_block": index + 1, "rows": rows})
 
         run_blocks(model, source, layout, config, calibration, store, device=device,
                    start=state["next_block"] if state else 0, progress=progress, on_block_done=checkpoint_block)
-        quantized = quantized_paths(layout, len(blocks))
+        quantized = quantized_paths(layout, blocks)
         if checkpoint is not None:
+            quantized = {layout.checkpoint_name(path) for path in quantized}
             floats = checkpoint.tensors(name for name in checkpoint.weight_map
                                         if name.rsplit(".", 1)[0] not in quantized)
         else:
-            floats = float_tensors(model, quantized)
+            floats = {layout.checkpoint_name(name): tensor for name, tensor in float_tensors(model, quantized).items()}
         writer.add(dict(sorted(floats.items())))
         model_config = model.config.to_dict()
         model_config.pop("quantization_config", None)

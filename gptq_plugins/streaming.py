@@ -55,14 +55,19 @@ def empty_model(path: str | os.PathLike, *, trust_remote_code: bool = False) -> 
 
 
 def materialize(module: torch.nn.Module, prefix: str, checkpoint: SourceCheckpoint, device,
-                skip: tuple[str, ...] = ()) -> None:
-    """Fill `module`'s parameters and persistent buffers from the checkpoint (names under `prefix`)."""
+                skip: tuple[str, ...] = (), rename=None) -> None:
+    """Fill `module`'s parameters and persistent buffers from the checkpoint (names under `prefix`).
+
+    `rename` maps a model tensor name to the checkpoint's where they differ (a layout's
+    `checkpoint_name`).
+    """
     from accelerate.utils import set_module_tensor_to_device
 
-    names = [name for name in module.state_dict() if not f"{prefix}{name}".startswith(skip)]
-    values = checkpoint.tensors(f"{prefix}{name}" for name in names)
-    for name in names:
-        set_module_tensor_to_device(module, name, device, value=values.pop(f"{prefix}{name}"))
+    rename = rename or (lambda name: name)
+    names = {name: rename(f"{prefix}{name}") for name in module.state_dict() if not f"{prefix}{name}".startswith(skip)}
+    values = checkpoint.tensors(names.values())
+    for name, stored in names.items():
+        set_module_tensor_to_device(module, name, device, value=values.pop(stored))
 
 
 def release(module: torch.nn.Module) -> None:

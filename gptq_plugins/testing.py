@@ -106,13 +106,17 @@ def dequantized_reference(model_dir: str | os.PathLike, artifact_dir: str | os.P
     from transformers import AutoModelForCausalLM
 
     from gptq_plugins.artifact import read_artifact
+    from gptq_plugins.linear_weights import write_weight
     from gptq_plugins.packing import dequantize_packed
+    from gptq_plugins.pipeline import layout_for
 
     artifact = read_artifact(artifact_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    layout = layout_for(model)
+    layout.prepare(model)
     for name in artifact.modules:
         packed = (artifact.tensor(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx"))
-        model.get_submodule(name).weight.copy_(dequantize_packed(*packed, artifact.config.bits))
+        write_weight(model.get_submodule(layout.module_name(name)), dequantize_packed(*packed, artifact.config.bits))
     return model
 
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from gptq_plugins.artifact import ArtifactError, read_model_config, read_weight_map
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
+from gptq_plugins.linear_weights import features
 from gptq_plugins.streaming import empty_model
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -145,8 +146,9 @@ def _weight_problems(model_dir: Path, reference: torch.nn.Module, layout: ModelL
     """Every tensor the run reads present with the shape the config gives it and a float dtype,
     every tensor finite, and every quantized Linear storable with the options."""
     try:
+        layout.prepare(reference)
         linears = layout.linears(reference)
-    except UnsupportedModelError as err:
+    except (UnsupportedModelError, ValueError) as err:
         return [str(err)]
     problems = _option_problems(linears, config)
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -159,7 +161,8 @@ def _weight_problems(model_dir: Path, reference: torch.nn.Module, layout: ModelL
                            "(pickle files are never unpickled: convert them with safetensors first)"]
     headers = _headers(model_dir, weight_map)
     kept_float = tuple(f"{module}." for module in layout.keep_float)  # never read (e.g. a tied head)
-    for name, tensor in reference.state_dict().items():
+    for model_name, tensor in reference.state_dict().items():
+        name = layout.checkpoint_name(model_name)
         if name not in headers:
             if not name.startswith(kept_float):
                 problems.append(f"{model_dir}: tensor {name!r} is missing; expected a tensor "
@@ -176,19 +179,19 @@ def _weight_problems(model_dir: Path, reference: torch.nn.Module, layout: ModelL
     return problems
 
 
-def _option_problems(linears: dict[str, torch.nn.Linear], config: QuantizeConfig) -> list[str]:
+def _option_problems(linears: dict[str, torch.nn.Module], config: QuantizeConfig) -> list[str]:
     """One line per option that some quantized Linear cannot be stored with."""
     failures: dict[str, list[ConfigError]] = {}
     for path, layer in linears.items():
         try:
-            config.check_layer(layer.in_features, layer.out_features, name=path)
+            config.check_layer(*features(layer), name=path)
         except ConfigError as err:
             failures.setdefault(err.option, []).append(err)
     problems = []
     for option, errors in failures.items():
         line = str(errors[0]) + (f" (and {len(errors) - 1} more layers)" if len(errors) > 1 else "")
         if option == "group_size":
-            divisor = reduce(math.gcd, (layer.in_features for layer in linears.values()))
+            divisor = reduce(math.gcd, (features(layer).in_features for layer in linears.values()))
             line += f"; expected -1 or a divisor of {divisor} (the gcd of the quantized input sizes)"
         problems.append(line)
     return problems

@@ -131,7 +131,7 @@ def unparsable_config(m, tmp):
 
 
 def unsupported_architecture(m, tmp):
-    edit_config(m, model_type="gpt2")
+    edit_config(m, model_type="bloom")
     return Run(m, tmp / "out")
 
 
@@ -253,7 +253,7 @@ def missing_model_dir(m, tmp):
 QUANTIZE_CASES = [  # (setup, what the message must name, also run through the CLI: "", "main" or "subprocess")
     (missing_config, r"model/config\.json: missing", "main"),
     (unparsable_config, r"model/config\.json: not valid JSON", ""),
-    (unsupported_architecture, r"config\.json: model_type 'gpt2' has no GPTQ layout \(supported: .*llama", "main"),
+    (unsupported_architecture, r"config\.json: model_type 'bloom' has no GPTQ layout \(supported: .*llama", "main"),
     (already_quantized, r"config\.json: already quantized .*'gptq'.*expected a float model", ""),
     (truncated_weights, r"model/model\.safetensors: unreadable safetensors file", "main"),
     (garbled_weights_header, r"model/model\.safetensors: unreadable safetensors file", ""),

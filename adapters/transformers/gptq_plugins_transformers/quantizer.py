@@ -19,6 +19,7 @@ from transformers.quantizers import HfQuantizer
 
 from gptq_plugins.artifact import ArtifactError, read_artifact
 from gptq_plugins.config import QUANT_METHOD
+from gptq_plugins.linear_weights import features, is_quantizable, write_weight
 from gptq_plugins_transformers.config import GPTQPluginsConfig
 
 log = logging.getLogger("gptq_plugins")
@@ -41,6 +42,17 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: GPTQPluginsConfig
 
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        # The float layer each QuantLinear replaced, on the meta device (no memory), by module
+        # path: `dequantize` puts the same class back, so GPT-2 gets its Conv1D ([in, out]) again
+        # and a dequantized model saves a checkpoint its own class loads.
+        self._float_layers: dict[str, torch.nn.Module] = {}
+
+    def _replace_float_layer(self, model, path: str, quant: torch.nn.Module) -> None:
+        self._float_layers[path] = model.get_submodule(path).to("meta")
+        _replace_module(model, path, quant)
+
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.pre_quantized:
             if not checkpoint_files:
@@ -54,20 +66,28 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
             check_layers(layout.block_list(model), layout, self.quantization_config.quantize_config)
 
     def _swap_in_quant_linears(self, model, artifact) -> None:
+        from gptq_plugins.pipeline import layout_for
         from gptq_plugins.quant_linear import QuantLinear
 
         config = artifact.config
+        layout = layout_for(model)
+        layout.prepare(model)  # fused experts become per-expert Linears, named as in the artifact
         for name, shape in artifact.modules.items():
-            path = self._module_path(model, name)
+            path = self._module_path(model, layout.module_name(name))
             linear = model.get_submodule(path) if path is not None else None
-            if not isinstance(linear, torch.nn.Linear) or (linear.in_features, linear.out_features) != (
+            if linear is None or not is_quantizable(linear) or features(linear) != (
                     shape.in_features, shape.out_features):
                 raise ArtifactError(
                     f"{artifact.path}: tensor {name}.qweight is for a Linear {shape.in_features} -> "
                     f"{shape.out_features}, but {type(model).__name__} has "
                     f"{type(linear).__name__ if linear is not None else 'no module'} at {name!r}")
-            _replace_module(model, path, QuantLinear(shape.in_features, shape.out_features, config.bits,
-                                                     config.group_size, bias=shape.has_bias, dtype=model.dtype))
+            quant = QuantLinear(shape.in_features, shape.out_features, config.bits, config.group_size,
+                                bias=shape.has_bias, dtype=model.dtype)
+            self._replace_float_layer(model, path, quant)
+            # After loading, Transformers runs `_init_weights` on every module not marked initialised;
+            # GPT-2's reaches into its children (`module.c_proj.weight`), which a QuantLinear lacks.
+            # The parent's tensors all come from the artifact: there is nothing to initialise.
+            model.get_submodule(path.rpartition(".")[0])._is_hf_initialized = True
 
     @staticmethod
     def _module_path(model, name: str) -> str | None:
@@ -102,7 +122,7 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
             linear = model.get_submodule(path)
             quant = QuantLinear.from_quantized(result, bias=linear.bias, dtype=linear.weight.dtype)
             quant.post_init()
-            _replace_module(model, path, quant)
+            self._replace_float_layer(model, path, quant)
         summary = report["summary"]
         log.info("quantized %d layers on load, mean relative error %.5f (round-to-nearest %.5f)",
                  summary["layers"], summary["mean_relative_error"], summary["mean_rtn_relative_error"])
@@ -111,16 +131,15 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
         model.config.quantization_config = self.quantization_config
 
     def _dequantize(self, model, dtype=None):
-        """Replace every `QuantLinear` by a float `nn.Linear` holding its dequantized weight."""
+        """Replace every `QuantLinear` by the float layer it replaced, holding its dequantized weight."""
+        if isinstance(dtype, str):  # `model.config.dtype`, which `save_pretrained` turns into a name
+            dtype = getattr(torch, dtype)
         for name, module in _quant_linears(model):
             weight = module.dequantize()
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                     device=weight.device, dtype=dtype or weight.dtype)
-            with torch.no_grad():
-                linear.weight.copy_(weight)
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
-            _replace_module(model, name, linear)
+            layer = self._float_layers.pop(name).to_empty(device=weight.device).to(dtype or weight.dtype)
+            write_weight(layer, weight)
+            layer.bias = None if module.bias is None else torch.nn.Parameter(module.bias.to(layer.weight.dtype))
+            _replace_module(model, name, layer)
         return model
 
     def is_serializable(self):

@@ -92,9 +92,10 @@ class GPTQPluginsConfig(QuantizationConfig):
         from vllm.model_executor.layers.fused_moe import RoutedExperts
 
         from gptq_plugins_vllm.linear import GPTQPluginsLinearMethod
+        from gptq_plugins_vllm.moe import GPTQPluginsMoEMethod
 
-        if isinstance(layer, RoutedExperts):
-            raise NotImplementedError(f"{prefix}: gptq_plugins does not serve mixture-of-experts layers")
+        if isinstance(layer, RoutedExperts):  # None: vLLM's float experts
+            return GPTQPluginsMoEMethod(self, layer.moe_config) if self._experts_are_quantized(prefix) else None
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head, attention: left in float
         return GPTQPluginsLinearMethod(self) if self.is_quantized(prefix) else UnquantizedLinearMethod()
@@ -108,6 +109,12 @@ class GPTQPluginsConfig(QuantizationConfig):
             raise ValueError(f"{prefix}: vLLM fuses {parts} into one layer, but the checkpoint quantized "
                              f"only some of them ({flags}); quantize all or none of them")
         return all(flags.values())
+
+    def _experts_are_quantized(self, prefix: str) -> bool:
+        """Whether the checkpoint stores the experts under `prefix` (`<prefix>.<e>.<part>`) quantized."""
+        if self.quantized_modules is not None:
+            return any(name.startswith(prefix + ".") for name in self.quantized_modules)
+        return self._part_is_quantized(prefix)
 
     def _part_is_quantized(self, name: str) -> bool:
         if self.quantized_modules is not None:

@@ -1,0 +1,112 @@
+"""`GPTQPluginsMoEMethod`: a mixture-of-experts layer whose experts are GPTQ Linears, inside vLLM.
+
+The artifact stores each expert's projections as separate GPTQ v1 Linears under the checkpoint's
+names (`experts.<e>.w1|w3|w2` or `gate_proj|up_proj|down_proj`); vLLM's expert loader hands each
+tensor to this method with its expert id and part (`w1`, `w3`, `w2`). After loading, every
+expert projection becomes one core `QuantLinear` over its slice of the stacked tensors, and each
+forward runs every routed expert on its own tokens only, with the weights kept packed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+from gptq_plugins.packing import WORD_BITS
+from gptq_plugins.quant_linear import QuantLinear
+
+# Gated activations: the expert computes down(act(w1 x) * w3 x).
+ACTIVATIONS = {
+    MoEActivation.SILU: F.silu,
+    MoEActivation.GELU: F.gelu,
+    MoEActivation.GELU_TANH: lambda x: F.gelu(x, approximate="tanh"),
+}
+PARTS = {"w1": ("w13", 0), "w3": ("w13", 1), "w2": ("w2", 0)}  # part -> (stack, index in the stack)
+TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class GPTQPluginsMoEMethod(FusedMoEMethodBase):
+    """Routed experts stored as GPTQ v1 Linears of any bits, order and symmetry (one rank)."""
+
+    def __init__(self, quant_config, moe):
+        super().__init__(moe)
+        self.options = quant_config.options
+        self.experts: list[tuple[QuantLinear, QuantLinear, QuantLinear]] = []  # (w1, w3, w2) per expert
+
+    def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs):
+        name = layer.layer_name
+        parallel = self.moe.moe_parallel_config
+        if parallel.tp_size > 1 or parallel.use_ep:
+            raise NotImplementedError(
+                f"{name}: gptq_plugins serves mixture-of-experts layers on one rank only; use "
+                "--tensor-parallel-size 1 without expert parallelism")
+        if layer.activation not in ACTIVATIONS or layer.apply_router_weight_on_input:
+            raise NotImplementedError(
+                f"{name}: gptq_plugins serves experts with a gated {[a.value for a in ACTIVATIONS]} activation "
+                f"and router weights applied to the outputs; this layer has {layer.activation.value!r}"
+                f"{' with weights on the inputs' if layer.apply_router_weight_on_input else ''}")
+        self.act_fn = ACTIVATIONS[layer.activation]
+        self.dtype = params_dtype
+        # (in, out) of one expert's projection in each stack; a stack holds [experts, parts, ...].
+        self.shapes = {"w13": (hidden_size, intermediate_size_per_partition),
+                       "w2": (intermediate_size_per_partition, hidden_size)}
+        for stack, (n_in, n_out) in self.shapes.items():
+            parts = 2 if stack == "w13" else 1
+            self.options.check_layer(n_in, n_out, name=f"{name}.{stack}")
+            n_groups = self.options.groups_for(n_in)
+            shapes = {"qweight": ((n_in * self.options.bits // WORD_BITS, n_out), torch.int32),
+                      "qzeros": ((n_groups, n_out * self.options.bits // WORD_BITS), torch.int32),
+                      "scales": ((n_groups, n_out), params_dtype),
+                      "g_idx": ((n_in,), torch.int32)}
+            for tensor, (shape, dtype) in shapes.items():
+                param = torch.nn.Parameter(torch.empty(num_experts, parts, *shape, dtype=dtype), requires_grad=False)
+                param.weight_loader = self._load_expert_tensor
+                layer.register_parameter(f"{stack}_{tensor}", param)
+
+    @staticmethod
+    def _load_expert_tensor(param, loaded_weight: torch.Tensor, weight_name: str, shard_id: str,
+                            expert_id: int, return_success: bool = False):
+        """Copy one expert's tensor of part `shard_id` (w1, w3 or w2) into its slot of the stack."""
+        _, part = PARTS[shard_id]
+        slot = param.data[expert_id, part]
+        if tuple(loaded_weight.shape) != tuple(slot.shape):
+            raise ValueError(f"{weight_name} (expert {expert_id}, {shard_id}): expected a tensor "
+                             f"{list(slot.shape)}, got {list(loaded_weight.shape)}")
+        slot.copy_(loaded_weight)
+        return True if return_success else None
+
+    def process_weights_after_loading(self, layer) -> None:
+        self.experts = []
+        for expert in range(layer.w13_qweight.shape[0]):
+            linears = []
+            for part in ("w1", "w3", "w2"):
+                stack, index = PARTS[part]
+                core = QuantLinear(*self.shapes[stack], self.options.bits, self.options.group_size, dtype=self.dtype)
+                for tensor in TENSORS:
+                    setattr(core, tensor, getattr(layer, f"{stack}_{tensor}").data[expert, index])
+                n_groups = core.scales.shape[0]
+                g_idx = core.g_idx
+                if int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
+                    raise ValueError(f"{layer.layer_name}: expert {expert} {part} g_idx must lie in "
+                                     f"[0, {n_groups}), found [{int(g_idx.min())}, {int(g_idx.max())}]")
+                core.post_init()
+                linears.append(core)
+            self.experts.append(tuple(linears))
+
+    def get_fused_moe_quant_config(self, layer):
+        return None  # the experts run through the core's kernels, not a vLLM fused-MoE kernel
+
+    def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts=None, shared_experts_input=None) -> torch.Tensor:
+        """Each routed expert on its own tokens, weighted; shared experts are the runner's to add."""
+        out = torch.zeros_like(x)
+        for expert in torch.unique(topk_ids).tolist():
+            token, slot = torch.where(topk_ids == expert)
+            w1, w3, w2 = self.experts[expert]
+            hidden = x[token]
+            y = w2(self.act_fn(w1(hidden)) * w3(hidden)) * topk_weights[token, slot, None].to(x.dtype)
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
