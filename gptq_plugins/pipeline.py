@@ -479,7 +479,8 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
             raise FileNotFoundError(f"{source_dir}: not a model directory (no config.json)")
         tokenizer = load_tokenizer(source_dir, trust_remote_code=trust_remote_code)
         if streaming:
-            model, checkpoint = empty_model(source_dir, trust_remote_code=trust_remote_code), SourceCheckpoint(source_dir)
+            model = empty_model(source_dir, trust_remote_code=trust_remote_code)
+            checkpoint = SourceCheckpoint(source_dir, model.base_model_prefix)
         else:
             model, tokenizer = load_model(source_dir, trust_remote_code=trust_remote_code)
     else:

@@ -19,26 +19,40 @@ from gptq_plugins.artifact import read_weight_map
 
 
 class SourceCheckpoint:
-    """Tensors of a model directory's safetensors files, read by name.
+    """Tensors of a model directory's safetensors files, read by the model's names.
+
+    A checkpoint saved from the base model (the Hub's original GPT-2: `h.0.attn.c_attn.weight`)
+    lacks the causal-LM wrapper's `base_model_prefix` on every name. Transformers adds it when
+    loading, and so does this: `weight_map` and `tensors` name every tensor under the prefix, as
+    the model does, so the artifact is written under the model's names like any other;
+    `stored_name` gives the name in the file (for reading it, and for messages).
 
     Each read opens the files it needs and closes them again: a mapping kept open would keep
     every page read so far resident, and the process's memory would grow with the model's depth.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, base_model_prefix: str):
         self.path = Path(path)
-        self.weight_map = read_weight_map(self.path)
+        stored = read_weight_map(self.path)
+        prefix = f"{base_model_prefix}." if base_model_prefix else ""
+        saved_from_base_model = bool(prefix) and not any(name.startswith(prefix) for name in stored)
+        self.added_prefix = prefix if saved_from_base_model else ""
+        self.weight_map = {self.added_prefix + name: file for name, file in stored.items()}
+
+    def stored_name(self, name: str) -> str:
+        """Model tensor `name` as the checkpoint spells it."""
+        return name.removeprefix(self.added_prefix)
 
     def tensors(self, names) -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}
         for name in names:
             if name not in self.weight_map:
-                raise KeyError(f"{self.path}: tensor {name!r} is not in the checkpoint")
+                raise KeyError(f"{self.path}: tensor {self.stored_name(name)!r} is not in the checkpoint")
             by_file.setdefault(self.weight_map[name], []).append(name)
         out = {}
         for file, file_names in by_file.items():
             with safe_open(str(self.path / file), framework="pt") as f:
-                out.update({name: f.get_tensor(name) for name in file_names})
+                out.update({name: f.get_tensor(self.stored_name(name)) for name in file_names})
         return out
 
 

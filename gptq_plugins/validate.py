@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gptq_plugins.artifact import ArtifactError, read_model_config, read_weight_map
+from gptq_plugins.artifact import ArtifactError, read_model_config
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
 from gptq_plugins.linear_weights import features
-from gptq_plugins.streaming import empty_model
+from gptq_plugins.streaming import SourceCheckpoint, empty_model
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -153,29 +153,29 @@ def _weight_problems(model_dir: Path, reference: torch.nn.Module, layout: ModelL
     problems = _option_problems(linears, config)
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     try:
-        weight_map = read_weight_map(model_dir)
+        checkpoint = SourceCheckpoint(model_dir, reference.base_model_prefix)
     except ArtifactError as err:
         if not pickles:
             return problems + [str(err)]
         return problems + [f"{model_dir}: weights only in {', '.join(pickles)}; expected safetensors files "
                            "(pickle files are never unpickled: convert them with safetensors first)"]
-    headers = _headers(model_dir, weight_map)
+    headers = _headers(checkpoint)
     kept_float = tuple(f"{module}." for module in layout.keep_float)  # never read (e.g. a tied head)
     for model_name, tensor in reference.state_dict().items():
         name = layout.checkpoint_name(model_name)
         if name not in headers:
             if not name.startswith(kept_float):
-                problems.append(f"{model_dir}: tensor {name!r} is missing; expected a tensor "
-                                f"{list(tensor.shape)} (from config.json)")
+                problems.append(f"{model_dir}: tensor {checkpoint.stored_name(name)!r} is missing; expected a "
+                                f"tensor {list(tensor.shape)} (from config.json)")
             continue
         dtype, shape = headers[name]
-        where = f"{model_dir / weight_map[name]}: tensor {name!r}"
+        where = f"{model_dir / checkpoint.weight_map[name]}: tensor {checkpoint.stored_name(name)!r}"
         if list(shape) != list(tensor.shape):
             problems.append(f"{where} is {list(shape)}, expected {list(tensor.shape)} (from config.json)")
         elif tensor.is_floating_point() and dtype not in FLOAT_DTYPES:
             problems.append(f"{where} is {dtype}, expected a float tensor ({', '.join(FLOAT_DTYPES)})")
     if not problems:
-        problems += _non_finite_problems(model_dir, weight_map, headers)
+        problems += _non_finite_problems(checkpoint, headers)
     return problems
 
 
@@ -197,33 +197,36 @@ def _option_problems(linears: dict[str, torch.nn.Module], config: QuantizeConfig
     return problems
 
 
-def _headers(model_dir: Path, weight_map: dict[str, str]) -> dict[str, tuple[str, list[int]]]:
-    """`{name: (dtype, shape)}` from the safetensors headers (no tensor data is read)."""
+def _headers(checkpoint: SourceCheckpoint) -> dict[str, tuple[str, list[int]]]:
+    """`{model name: (dtype, shape)}` from the safetensors headers (no tensor data is read)."""
+    by_file: dict[str, list[str]] = {}
+    for name, file in checkpoint.weight_map.items():
+        by_file.setdefault(file, []).append(name)
     headers = {}
-    for file in sorted(set(weight_map.values())):
-        with safe_open(str(model_dir / file), framework="pt") as f:
-            for name in f.keys():
-                tensor_slice = f.get_slice(name)
+    for file, names in sorted(by_file.items()):
+        with safe_open(str(checkpoint.path / file), framework="pt") as f:
+            for name in names:
+                tensor_slice = f.get_slice(checkpoint.stored_name(name))
                 headers[name] = (tensor_slice.get_dtype(), tensor_slice.get_shape())
     return headers
 
 
-def _non_finite_problems(model_dir: Path, weight_map: dict[str, str],
-                         headers: dict[str, tuple[str, list[int]]]) -> list[str]:
+def _non_finite_problems(checkpoint: SourceCheckpoint, headers: dict[str, tuple[str, list[int]]]) -> list[str]:
     """Every float tensor with NaN or inf values, read one slice at a time.
 
     The file is opened again for each tensor: a mapping kept open would keep every page read so
     far resident, and this scan alone would need memory the size of the model.
     """
     problems = []
-    for name, file in sorted(weight_map.items(), key=lambda item: (item[1], item[0])):
+    for name, file in sorted(checkpoint.weight_map.items(), key=lambda item: (item[1], item[0])):
         dtype, shape = headers[name]
         if dtype not in FLOAT_DTYPES:
             continue
-        with safe_open(str(model_dir / file), framework="pt") as f:
-            bad = _count_non_finite(f, name, shape)
+        stored = checkpoint.stored_name(name)
+        with safe_open(str(checkpoint.path / file), framework="pt") as f:
+            bad = _count_non_finite(f, stored, shape)
         if bad:
-            problems.append(f"{model_dir / file}: tensor {name!r} has {bad} non-finite values "
+            problems.append(f"{checkpoint.path / file}: tensor {stored!r} has {bad} non-finite values "
                             f"(NaN or inf) of {math.prod(shape)}; expected finite weights")
     return problems
 

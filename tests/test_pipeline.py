@@ -1,12 +1,18 @@
-"""Pipeline behaviours that need no subprocess: degenerate calibration and layer-named errors."""
+"""Pipeline behaviours that need no subprocess: degenerate calibration, layer-named errors and
+checkpoints saved from a base model."""
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from gptq_plugins.calibration import CalibrationError
 from gptq_plugins.config import QuantizeConfig
 from gptq_plugins.pipeline import quantize_model, quantize_modules
-from gptq_plugins.testing import build_tiny_model
+from gptq_plugins.testing import build_tiny_model, greedy_tokens_transformers, read_tensors
+from gptq_plugins.validate import check_quantize_inputs
 
 CONFIG = QuantizeConfig(group_size=32, num_samples=2, seq_len=16)
 
@@ -56,3 +62,65 @@ def test_bfloat16_hessian_gives_nearly_the_same_layers(model_dir):
         errors[dtype] = report["summary"]["mean_relative_error"]
     assert errors["bfloat16"] != errors["float32"]  # the option reaches the accumulator
     assert abs(errors["bfloat16"] - errors["float32"]) <= 0.05 * errors["float32"]
+
+
+GPT2_IDS = torch.arange(32).view(2, 16) % 50
+GPT2_POSITIONS = 64
+
+
+def edit_tensors(directory: Path, edit) -> None:
+    """Replace the tensors of `directory`'s single safetensors file by `edit(tensors)`."""
+    file = directory / "model.safetensors"
+    save_file(edit(load_file(file)), file, metadata={"format": "pt"})
+
+
+def with_old_mask_buffers(tensors: dict) -> dict:
+    """The causal-mask buffers old GPT-2 checkpoints hold beside the weights; the model has none."""
+    return {**tensors, "h.0.attn.bias": torch.ones(GPT2_POSITIONS, GPT2_POSITIONS).tril()[None, None],
+            "h.0.attn.masked_bias": torch.tensor(-1e4)}
+
+
+@pytest.fixture(scope="module")
+def gpt2_dirs(tmp_path_factory):
+    """A tiny tied GPT-2 as Transformers saves it, and the same weights as the Hub's original GPT-2
+    checkpoints hold them: saved from the base model (no `transformer.` prefix, no head)."""
+    root = tmp_path_factory.mktemp("gpt2")
+    prefixed = build_tiny_model(root / "prefixed", model_type="gpt2", hidden_size=64, n_inner=128,
+                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=None,
+                                tie_word_embeddings=True, max_position_embeddings=GPT2_POSITIONS)
+    base = Path(shutil.copytree(prefixed, root / "base"))
+    edit_tensors(base, lambda tensors: {name.removeprefix("transformer."): tensor
+                                        for name, tensor in tensors.items() if name != "lm_head.weight"})
+    return prefixed, base
+
+
+@pytest.fixture(scope="module")
+def gpt2_artifact(gpt2_dirs, tmp_path_factory):
+    return quantize_model(gpt2_dirs[0], tmp_path_factory.mktemp("gpt2_artifact") / "out", CONFIG, GPT2_IDS,
+                          progress=False)
+
+
+def test_base_model_checkpoint_quantizes_to_the_same_artifact(gpt2_dirs, gpt2_artifact, tmp_path):
+    expected = read_tensors(gpt2_artifact)
+    got = read_tensors(quantize_model(gpt2_dirs[1], tmp_path / "out", CONFIG, GPT2_IDS, progress=False))
+    assert "transformer.wte.weight" in got and "transformer.h.0.attn.c_attn.qweight" in got
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_base_model_checkpoint_passes_validation(gpt2_dirs, tmp_path):
+    checked = check_quantize_inputs(gpt2_dirs[1], tmp_path / "out", CONFIG)
+    assert checked.layout.name == "gpt2" and checked.calibration.shape == (2, 16)
+
+
+def test_old_mask_buffers_are_carried_under_model_names_and_ignored_on_load(gpt2_dirs, gpt2_artifact, tmp_path):
+    """Copied like every checkpoint tensor the run does not quantize; Transformers (and vLLM) skip
+    GPT-2's `attn.bias`/`attn.masked_bias` when loading."""
+    hub = Path(shutil.copytree(gpt2_dirs[1], tmp_path / "hub"))
+    edit_tensors(hub, with_old_mask_buffers)
+    check_quantize_inputs(hub, tmp_path / "checked", CONFIG)
+    artifact = quantize_model(hub, tmp_path / "out", CONFIG, GPT2_IDS, progress=False)
+    assert set(read_tensors(artifact)) - set(read_tensors(gpt2_artifact)) == {
+        "transformer.h.0.attn.bias", "transformer.h.0.attn.masked_bias"}
+    prompts = [[5, 17, 42, 9]]
+    assert greedy_tokens_transformers(artifact, prompts, 4) == greedy_tokens_transformers(gpt2_artifact, prompts, 4)
