@@ -17,7 +17,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq_plugins", "gptq")
 HESSIAN_DTYPES = ("float32", "bfloat16")
 # Run options recorded under `meta.calibration` of `quantization_config` (they shape the result).
-CALIBRATION_META_KEYS = ("dataset", "num_samples", "seq_len", "seed", "hessian_dtype")
+CALIBRATION_META_KEYS = ("dataset", "num_samples", "seq_len", "seed", "hessian_dtype", "act_group_aware")
 QUANT_METHOD = "gptq_plugins"
 
 # Keys written into `quantization_config` that are not options (always accepted on read).
@@ -64,6 +64,10 @@ class QuantizeConfig:
     desc_act: bool = _option(False, "act-order: quantize columns by decreasing Hessian diagonal")
     static_groups: bool = _option(False, "with act-order, fix group parameters before reordering "
                                   "so g_idx stays contiguous (no runtime gather cost)")
+    act_group_aware: bool = _option(False, "group-aware act-order: quantize whole groups by "
+                                    "decreasing summed Hessian diagonal, the columns of each group "
+                                    "likewise; g_idx stays contiguous (no runtime gather cost)",
+                                    artifact=False)
     damp_percent: float = _option(0.01, "dampening added to the Hessian diagonal, as a fraction "
                                   "of its mean; raised automatically when Cholesky fails",
                                   cli="--damp")
@@ -93,7 +97,7 @@ class QuantizeConfig:
         self._check_type("group_size", int)
         if self.group_size != -1 and self.group_size <= 0:
             raise ConfigError("group_size", f"expected -1 or a positive integer, got {self.group_size}")
-        for name in ("sym", "desc_act", "static_groups", "true_sequential", "mse_clip"):
+        for name in ("sym", "desc_act", "static_groups", "act_group_aware", "true_sequential", "mse_clip"):
             self._check_type(name, bool)
         self._check_type("damp_percent", (int, float))
         if not 0 < self.damp_percent < 1:
@@ -103,6 +107,9 @@ class QuantizeConfig:
             raise ConfigError("block_size", f"expected a positive integer, got {self.block_size}")
         if self.static_groups and not self.desc_act:
             raise ConfigError("static_groups", "only meaningful with desc_act=True (act-order)")
+        if self.act_group_aware and self.desc_act:
+            raise ConfigError("act_group_aware", "choose one order: desc_act reorders single columns "
+                              "(g_idx permuted), act_group_aware reorders whole groups (g_idx contiguous)")
         if self.format not in FORMATS:
             raise ConfigError("format", f"expected one of {list(FORMATS)}, got {self.format!r}")
         self._check_type("dataset", str)

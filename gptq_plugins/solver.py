@@ -56,7 +56,7 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
     w_t[dead] = 0
     # Static groups (and the single group of group_size=-1) are fixed by the unpermuted weight.
     fixed = _contiguous_group_params(w_t.T, config) if config.static_groups or n_groups == 1 else None
-    perm = torch.argsort(h.diagonal(), descending=True) if config.desc_act else None
+    perm = _quantization_order(h.diagonal(), config, group_size)
     if perm is not None:
         w_t, h = w_t[perm], h[perm[:, None], perm]
     hinv_upper, damp_percent = _inverse_hessian_factor(h, config.damp_percent)
@@ -76,9 +76,30 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
                                                  n_groups)
     if perm is not None:
         codes_t = codes_t[torch.argsort(perm)]
+    if config.act_group_aware and fixed is None:  # whole groups moved: index them in place again
+        slot_of_group = g_idx[::group_size]
+        scales, zeros, g_idx = scales[slot_of_group], zeros[slot_of_group], positions // group_size
     codes = codes_t.T.to(torch.int32, memory_format=torch.contiguous_format)
     return QuantizedWeight(codes, scales, zeros.to(torch.int32), g_idx.to(torch.int32), config.bits,
                            config.group_size, damp_percent, loss)
+
+
+def _quantization_order(diagonal: torch.Tensor, config: QuantizeConfig, group_size: int) -> torch.Tensor | None:
+    """The column order, or None for the natural one.
+
+    Act-order (`desc_act`) takes the columns by decreasing Hessian diagonal (most error-sensitive
+    first, while the most columns remain to absorb their error). The group-aware variant keeps
+    each group's columns together: groups by decreasing summed diagonal, columns within a group
+    likewise, so each group still has one contiguous block of inputs.
+    """
+    if config.desc_act:
+        return torch.argsort(diagonal, descending=True)
+    if not config.act_group_aware:
+        return None
+    by_group = diagonal.reshape(-1, group_size)
+    within = torch.argsort(by_group, dim=1, descending=True)
+    starts = torch.arange(0, diagonal.numel(), group_size, device=diagonal.device)[:, None]
+    return (within + starts)[torch.argsort(by_group.sum(dim=1), descending=True)].reshape(-1)
 
 
 def _gptq_columns(w_t, hinv_upper, config, fixed, column_groups, n_groups):

@@ -115,6 +115,26 @@ def test_gptq_beats_rtn_on_a_correlated_layer(desc_act):
     assert gptq_error <= (0.3 if desc_act else 0.6) * rtn_error
 
 
+@pytest.mark.parametrize("sym", [True, False])
+def test_group_aware_order_is_gptq_on_whole_groups_reordered_with_contiguous_g_idx(sym):
+    """Group-aware act-order = plain GPTQ on the columns permuted group-wise (groups by summed
+    Hessian diagonal, columns within each group by diagonal), mapped back to the input order."""
+    group = 32
+    config = QuantizeConfig(bits=3, group_size=group, sym=sym)
+    weight, hessian, _ = calibrated(128, 1024)
+    result = quantize_weight(weight, hessian, config.replace(act_group_aware=True))
+
+    diagonal = hessian.diagonal().reshape(-1, group)
+    group_order = torch.argsort(diagonal.sum(dim=1), descending=True)
+    perm = torch.cat([g * group + torch.argsort(diagonal[g], descending=True) for g in group_order.tolist()])
+    plain = quantize_weight(weight[:, perm], hessian[perm][:, perm], config)
+    assert torch.equal(result.g_idx, torch.arange(128, dtype=torch.int32) // group)
+    assert torch.equal(result.codes, plain.codes[:, torch.argsort(perm)])
+    assert torch.equal(result.scales[group_order], plain.scales)
+    assert torch.equal(result.zeros[group_order], plain.zeros)
+    torch.testing.assert_close(result.dequantize(), plain.dequantize()[:, torch.argsort(perm)])
+
+
 def test_loss_is_the_output_space_loss_of_the_damped_hessian():
     """GPTQ's per-column OBS losses add up to 1/2 tr(dW H dW^T), H dampened as in the solve."""
     config = QuantizeConfig(bits=3, group_size=32, sym=False, desc_act=True)
