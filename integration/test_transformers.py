@@ -168,6 +168,17 @@ def test_loaded_artifact_matches_dequantized_reference(artifacts, model_dir, pro
     assert greedy_tokens(model, prompt_ids, NEW_TOKENS) == greedy_tokens(reference, prompt_ids, NEW_TOKENS)
 
 
+def test_loading_needs_no_layout_for_the_family(artifacts, model_dir, prompt_ids, monkeypatch):
+    """A converted stock GPTQ checkpoint may be of a family we cannot quantize: it still loads."""
+    import gptq_plugins.plugins
+
+    monkeypatch.setattr(gptq_plugins.plugins, "model_layouts", lambda: [])
+    model = AutoModelForCausalLM.from_pretrained(artifacts[8, True])
+    assert set(quant_linears(model)) == set(read_artifact(artifacts[8, True]).modules)
+    assert greedy_tokens(model, prompt_ids, NEW_TOKENS) == greedy_tokens(
+        dequantized_reference(model_dir, artifacts[8, True]), prompt_ids, NEW_TOKENS)
+
+
 def test_greedy_tokens_helper_loads_through_transformers(artifacts, model_dir, prompt_ids):
     # 8 bits run on the float32 reference backend, so tokens must match exactly.
     reference = dequantized_reference(model_dir, artifacts[8, True])

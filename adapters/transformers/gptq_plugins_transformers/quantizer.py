@@ -66,14 +66,20 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
             check_layers(layout.block_list(model), layout, self.quantization_config.quantize_config)
 
     def _swap_in_quant_linears(self, model, artifact) -> None:
+        from gptq_plugins.layouts import UnsupportedModelError
         from gptq_plugins.pipeline import layout_for
         from gptq_plugins.quant_linear import QuantLinear
 
         config = artifact.config
-        layout = layout_for(model)
-        layout.prepare(model)  # fused experts become per-expert Linears, named as in the artifact
+        try:
+            layout = layout_for(model)
+        except UnsupportedModelError:  # a converted stock GPTQ checkpoint of a family we do not quantize
+            module_name = lambda name: name  # noqa: E731
+        else:
+            layout.prepare(model)  # fused experts become per-expert Linears, named as in the artifact
+            module_name = layout.module_name
         for name, shape in artifact.modules.items():
-            path = self._module_path(model, layout.module_name(name))
+            path = self._module_path(model, module_name(name))
             linear = model.get_submodule(path) if path is not None else None
             if linear is None or not is_quantizable(linear) or features(linear) != (
                     shape.in_features, shape.out_features):
