@@ -6,6 +6,7 @@ in one loop. GPTQ quantizes each expert on the tokens routed to it, and checkpoi
 name every expert's projections separately, so the pipeline and the Transformers adapter swap
 the fused module for `UnfusedExperts`: the same computation over per-expert `nn.Linear`s named
 as in the checkpoint, whose forward pre-hooks then see exactly each expert's routed tokens.
+Experts already held one module per expert (a `ModuleList`) are used as they are.
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ def is_fused(module: torch.nn.Module) -> bool:
 
 
 def expert_count(module: torch.nn.Module) -> int:
-    """Number of experts of a fused or unfused experts module."""
-    return module.num_experts if isinstance(module, UnfusedExperts) else module.gate_up_proj.shape[0]
+    """Number of experts of a fused experts module, an `UnfusedExperts`, or a list of expert modules
+    (the per-expert form older and remote-code models use)."""
+    if isinstance(module, UnfusedExperts):
+        return module.num_experts
+    return module.gate_up_proj.shape[0] if is_fused(module) else len(module)
 
 
 def expert_shapes(module: torch.nn.Module) -> tuple[int, int]:

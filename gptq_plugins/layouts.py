@@ -87,14 +87,14 @@ class ModelLayout:
         return self.experts is not None and name.startswith(self.experts.path + ".")
 
     def prepare(self, model: torch.nn.Module) -> None:
-        """Unfuse every block's experts into per-expert Linears (weights kept; meta stays meta)."""
+        """Unfuse every block's fused experts into per-expert Linears (weights kept; meta stays meta)."""
         if self.experts is None:
             return
-        from gptq_plugins.experts import UnfusedExperts, unfuse
+        from gptq_plugins.experts import is_fused, unfuse
 
         for index, block in enumerate(self.block_list(model)):
             module = self._experts_module(index, block)
-            if not isinstance(module, UnfusedExperts):
+            if is_fused(module):
                 parent, _, child = self.experts.path.rpartition(".")
                 path = f"{self.blocks}.{index}.{self.experts.path}"
                 block.get_submodule(parent).register_module(child, unfuse(module, self.experts.projections, path))

@@ -90,3 +90,31 @@ def test_each_expert_is_calibrated_on_its_routed_tokens_and_an_unrouted_one_fall
     fallback = results["model.layers.0.mlp.experts.3.w2"]
     assert torch.equal(fallback.codes, rtn(original[3], config).codes)
     assert not torch.equal(results["model.layers.0.mlp.experts.0.w2"].codes, rtn(original[0], config).codes)
+
+
+class ListedExperts(torch.nn.ModuleList):
+    """The per-expert form (older and remote-code models): one MLP module per expert, called only
+    on its routed tokens."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for index, expert in enumerate(self):
+            token, slot = torch.where(top_k_index == index)
+            if token.numel():
+                y = expert.w2(torch.nn.functional.silu(expert.w1(hidden_states[token])) * expert.w3(hidden_states[token]))
+                out.index_add_(0, token, y * top_k_weights[token, slot, None])
+        return out
+
+
+def test_experts_already_held_per_expert_are_quantized_as_they_are():
+    from gptq_plugins.pipeline import quantize_modules
+
+    model = mixtral()
+    fused = model.model.layers[0].mlp.experts
+    listed = ListedExperts(unfuse(fused, ("w1", "w3", "w2"), "experts").expert(e) for e in range(EXPERTS))
+    model.model.layers[0].mlp.experts = listed
+    results, report = quantize_modules(model, QuantizeConfig(bits=4, group_size=32), CALIBRATION, progress=False)
+    assert model.model.layers[0].mlp.experts is listed
+    assert {f"model.layers.0.mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("w1", "w3", "w2")} <= set(results)
+    routed = sum(row["tokens"] for row in report["layers"] if row["name"].endswith(".w1"))
+    assert routed == CALIBRATION.numel() * TOP_K
