@@ -7,9 +7,9 @@ held-out split (`builtin_documents("eval")`) is never seen by the tokenizer, the
 GPTQ calibration; perplexity is measured on it.
 
 Training is deterministic (fixed seeds, deterministic algorithms, a fixed thread count and data
-order) and sized to finish in well under 15 minutes on 2 idle cores. The result is cached under
-`benchmarks/cache/reference_model/` together with the recipe that built it; a cache whose recipe
-differs from `RECIPE` is rebuilt. Run `python benchmarks/reference_model.py [--force]`.
+order) and sized to finish in under 15 minutes on 2 idle cores (0.62 s a step with AMX: about
+12 minutes). The result is cached under `benchmarks/cache/reference_model/` together with the
+recipe that built it; a cache whose recipe differs from `RECIPE` is rebuilt. Run `python benchmarks/reference_model.py [--force]`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ RECIPE = {
     "num_attention_heads": 4,
     "context_length": 256,
     "batch_size": 16,
-    "steps": 240,
+    "steps": 1100,
     "peak_lr": 3e-3,
     "final_lr_fraction": 0.1,
     "warmup_steps": 20,
@@ -44,6 +44,9 @@ RECIPE = {
     "grad_clip": 1.0,
     "seed": 0,
     "threads": 2,
+    # Mixed precision (float32 master weights, bfloat16 matmuls) is ~1.5x faster on CPUs with AMX;
+    # the saved model is float32.
+    "autocast_dtype": "bfloat16",
 }
 LOG_EVERY = 25
 
@@ -102,7 +105,8 @@ def train(out_dir: Path, recipe: dict) -> dict:
     for step, batch in enumerate(training_batches(stream, recipe)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, recipe)
-        loss = model(input_ids=batch, labels=batch).loss
+        with torch.autocast("cpu", dtype=getattr(torch, recipe["autocast_dtype"])):
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["grad_clip"])
         optimizer.step()
