@@ -17,7 +17,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq_plugins", "gptq")
 HESSIAN_DTYPES = ("float32", "bfloat16")
 # Run options recorded under `meta.calibration` of `quantization_config` (they shape the result).
-CALIBRATION_META_KEYS = ("dataset", "num_samples", "seq_len", "seed", "hessian_dtype", "act_group_aware")
+CALIBRATION_META_KEYS = ("dataset", "num_samples", "seq_len", "seed", "hessian_dtype", "act_group_aware", "gptaq")
 QUANT_METHOD = "gptq_plugins"
 
 # Keys written into `quantization_config` that are not options (always accepted on read).
@@ -68,6 +68,9 @@ class QuantizeConfig:
                                     "decreasing summed Hessian diagonal, the columns of each group "
                                     "likewise; g_idx stays contiguous (no runtime gather cost)",
                                     artifact=False)
+    gptaq: bool = _option(False, "asymmetric calibration (GPTAQ): fit each layer's output to the "
+                          "float model's own, fed the float model's inputs, so errors of earlier "
+                          "layers are corrected too (one more block forward per group)", artifact=False)
     damp_percent: float = _option(0.01, "dampening added to the Hessian diagonal, as a fraction "
                                   "of its mean; raised automatically when Cholesky fails",
                                   cli="--damp")
@@ -97,7 +100,7 @@ class QuantizeConfig:
         self._check_type("group_size", int)
         if self.group_size != -1 and self.group_size <= 0:
             raise ConfigError("group_size", f"expected -1 or a positive integer, got {self.group_size}")
-        for name in ("sym", "desc_act", "static_groups", "act_group_aware", "true_sequential", "mse_clip"):
+        for name in ("sym", "desc_act", "static_groups", "act_group_aware", "gptaq", "true_sequential", "mse_clip"):
             self._check_type(name, bool)
         self._check_type("damp_percent", (int, float))
         if not 0 < self.damp_percent < 1:

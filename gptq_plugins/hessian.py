@@ -69,3 +69,27 @@ class HessianAccumulator:
             self._mean_upper = torch.zeros(self.in_features, self.in_features,
                                            dtype=torch.float32, device=device)
         return self._mean_upper
+
+
+class AsymmetryAccumulator:
+    """Running `2/N sum_t (r_t - x_t) x_t^T` of GPTAQ: how the float model's inputs `r` to a Linear
+    differ from the quantized model's `x`, scaled like the Hessian so the two combine directly."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.in_features = in_features
+        self.num_tokens = 0
+        self._mean = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+    def add(self, reference: torch.Tensor, x: torch.Tensor) -> None:
+        """Add matching tokens: `reference` and `x` are `[..., in_features]` of the same shape."""
+        if reference.shape != x.shape or x.shape[-1] != self.in_features:
+            raise ValueError(f"float and quantized inputs must both be [..., {self.in_features}], got "
+                             f"{tuple(reference.shape)} and {tuple(x.shape)}")
+        x = x.reshape(-1, self.in_features).to(self._mean)
+        delta = reference.reshape(-1, self.in_features).to(self._mean) - x
+        total = self.num_tokens + x.shape[0]
+        self._mean.addmm_(delta.T, x, beta=self.num_tokens / total, alpha=1.0 / total)
+        self.num_tokens = total
+
+    def asymmetry(self) -> torch.Tensor:
+        return 2 * self._mean

@@ -8,6 +8,7 @@ block. Model knowledge comes only from a `ModelLayout`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from gptq_plugins.calibration import CalibrationError
 from gptq_plugins.config import ConfigError, QuantizeConfig
-from gptq_plugins.hessian import HessianAccumulator
+from gptq_plugins.hessian import AsymmetryAccumulator, HessianAccumulator
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
 from gptq_plugins.linear_weights import features, read_weight, write_weight
 from gptq_plugins.packing import pack_quantized
@@ -136,20 +137,54 @@ def _run_block(block, hidden: torch.Tensor, context: BatchContext, dtype, device
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@dataclass
+class InputStatistics:
+    """What the solver needs of one Linear's calibration inputs."""
+
+    hessian: HessianAccumulator
+    asymmetry: AsymmetryAccumulator | None  # GPTAQ only
+
+
+def _float_inputs(reference, names, context: BatchContext, dtype, device) -> dict[str, torch.Tensor]:
+    """The inputs of Linears `names` when the float block `reference = (block, hidden)` runs the batch."""
+    block, hidden = reference
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name, x):
+        inputs[name] = x
+        if len(inputs) == len(names):
+            raise _StopForward
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(lambda _m, args, name=name: keep(name, args[0]))
+               for name in names]
+    try:
+        _run_block(block, hidden[context.rows], context, dtype, device)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
 def _collect_hessians(block, linears: dict[str, torch.nn.Module], hidden, contexts, dtype, device,
-                      matmul_dtype: torch.dtype = torch.float32, routed: frozenset[str] = frozenset()):
+                      matmul_dtype: torch.dtype = torch.float32, routed: frozenset[str] = frozenset(),
+                      reference=None) -> dict[str, InputStatistics]:
     """Forward every calibration batch through `block`, accumulating each Linear's Hessian.
 
     Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator, so each
     distinct input costs one `X^T X`; once every Linear of the group has seen its input the
     forward stops, since the rest of the block cannot change these Hessians. The `routed` ones
-    (experts) run only on the tokens routed to them, possibly none.
-    Returns `{name: accumulator}` (shared accumulators appear under several names; a routed
-    Linear that never ran has none).
+    (experts) run only on the tokens routed to them, possibly none. With `reference = (float
+    block, float hidden states)` (GPTAQ) each batch also runs through the float block, and the
+    difference of its inputs to each Linear from the quantized model's is accumulated too.
+    Returns `{name: statistics}` (shared ones appear under several names; a routed Linear that
+    never ran has none).
     """
-    accumulators: dict[str, HessianAccumulator] = {}
-    owners: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # per batch; keeps inputs alive
+    accumulators: dict[str, InputStatistics] = {}
+    owners: dict[int, tuple[torch.Tensor, InputStatistics]] = {}  # per batch; keeps inputs alive
     called: set[str] = set()
+    float_inputs: dict[str, torch.Tensor] = {}
 
     def hook(name, layer, x):
         if name in called:
@@ -158,10 +193,14 @@ def _collect_hessians(block, linears: dict[str, torch.nn.Module], hidden, contex
         if id(x) in owners:
             accumulators.setdefault(name, owners[id(x)][1])
         else:
-            acc = accumulators.setdefault(name, HessianAccumulator(features(layer).in_features, device=device,
-                                                                      matmul_dtype=matmul_dtype))
-            acc.add(x)
-            owners[id(x)] = (x, acc)
+            in_features = features(layer).in_features
+            stats = accumulators.setdefault(name, InputStatistics(
+                HessianAccumulator(in_features, device=device, matmul_dtype=matmul_dtype),
+                AsymmetryAccumulator(in_features, device=device) if reference is not None else None))
+            stats.hessian.add(x)
+            if stats.asymmetry is not None:
+                stats.asymmetry.add(float_inputs[name], x)
+            owners[id(x)] = (x, stats)
         if len(called) == len(linears):
             raise _StopForward
 
@@ -171,6 +210,8 @@ def _collect_hessians(block, linears: dict[str, torch.nn.Module], hidden, contex
         for context in contexts:
             owners.clear()
             called.clear()
+            if reference is not None:
+                float_inputs = _float_inputs(reference, list(linears), context, dtype, device)
             try:
                 _run_block(block, hidden[context.rows], context, dtype, device)
             except _StopForward:
@@ -225,8 +266,10 @@ class StreamedBlocks:
 
 
 def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig, layout: ModelLayout,
-                    device, hook) -> tuple[dict[str, QuantizedWeight], list[dict]]:
-    """GPTQ on every Linear of one block, group by group; weights become their dequantized values."""
+                    device, hook, reference=None) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+    """GPTQ on every Linear of one block, group by group; weights become their dequantized values.
+
+    `reference = (float block, float hidden states)` for GPTAQ (see `_collect_hessians`)."""
     dtype = next(block.parameters()).dtype
     results: dict[str, QuantizedWeight] = {}
     rows: list[dict] = []
@@ -235,19 +278,22 @@ def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig,
         groups = (tuple(name for group in groups for name in group),)
     for group in groups:
         linears = {name: block.get_submodule(name) for name in group}
-        accumulators = _collect_hessians(block, linears, hidden, contexts, dtype, device,
-                                         getattr(torch, config.hessian_dtype),
-                                         routed=frozenset(filter(layout.is_expert, group)))
+        statistics = _collect_hessians(block, linears, hidden, contexts, dtype, device,
+                                       getattr(torch, config.hessian_dtype),
+                                       routed=frozenset(filter(layout.is_expert, group)), reference=reference)
         # One Hessian per distinct input (shared by q/k/v, gate/up); the running buffers go at once.
-        by_input = {id(acc): (acc.hessian(), acc.num_tokens) for acc in accumulators.values()}
-        hessians = {name: by_input[id(acc)] for name, acc in accumulators.items()}
-        del accumulators, by_input
+        by_input = {id(stats): (stats.hessian.hessian(), stats.hessian.num_tokens,
+                                stats.asymmetry.asymmetry() if stats.asymmetry is not None else None)
+                    for stats in statistics.values()}
+        hessians = {name: by_input[id(stats)] for name, stats in statistics.items()}
+        del statistics, by_input
         for name, layer in linears.items():
             start = time.perf_counter()
             path = f"{layout.blocks}.{index}.{name}"
-            hessian, tokens = hessians.pop(name, (None, 0))
+            hessian, tokens, asymmetry = hessians.pop(name, (None, 0, None))
             weight = read_weight(layer).float()
-            result = _solve_layer(path, weight, hessian, tokens, config, routed=layout.is_expert(name))
+            result = _solve_layer(path, weight, hessian, tokens, config, routed=layout.is_expert(name),
+                                  asymmetry=asymmetry)
             if hessian is None:  # an expert no token reached: errors measured on the weights
                 hessian = torch.eye(weight.shape[1], device=weight.device)
             approx = result.dequantize()
@@ -272,7 +318,7 @@ def _quantize_block(block, index: int, hidden, contexts, config: QuantizeConfig,
 
 
 def _solve_layer(path: str, weight: torch.Tensor, hessian: torch.Tensor | None, tokens: int,
-                 config: QuantizeConfig, *, routed: bool) -> QuantizedWeight:
+                 config: QuantizeConfig, *, routed: bool, asymmetry: torch.Tensor | None = None) -> QuantizedWeight:
     """GPTQ for one Linear; round-to-nearest, reported as a fallback, for an expert routed too few tokens."""
     if routed and tokens < MIN_EXPERT_TOKENS_PER_INPUT * weight.shape[1]:
         reason = (f"expert routed {tokens} calibration tokens, fewer than {MIN_EXPERT_TOKENS_PER_INPUT:.0%} of "
@@ -284,9 +330,16 @@ def _solve_layer(path: str, weight: torch.Tensor, hessian: torch.Tensor | None, 
         raise CalibrationError(f"{path}: every calibration input was zero, so GPTQ would zero "
                                "the weight; expected varied calibration text")
     try:
-        return quantize_weight(weight, hessian, config)
+        return quantize_weight(weight, hessian, config, asymmetry)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def _propagate(block, hidden, contexts, out: torch.Tensor, dtype, device) -> torch.Tensor:
+    """`out` filled with `block`'s outputs for every calibration batch of `hidden`."""
+    for context in contexts:
+        out[context.rows] = _run_block(block, hidden[context.rows], context, dtype, device).float().to(out.device)
+    return out
 
 
 @torch.no_grad()
@@ -311,8 +364,12 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
 
     blocks = layout.block_list(model)
     contexts = capture_block_inputs(model, blocks, calibration, sink=None if start else keep)
+    # GPTAQ: the float model's hidden states at the current block boundary, in a store of their own
+    # (block 0 receives the same inputs on both paths).
+    float_store = store.sibling("float") if config.gptaq else None
     if start:
         hidden = store.load(start)
+    float_hidden = None if float_store is None else float_store.load(start) if start else hidden
     per_block = [len(layout.block_linear_names(index, block)) for index, block in enumerate(blocks)]
     bar = tqdm(total=sum(per_block), initial=sum(per_block[:start]), desc="quantizing", unit="layer",
                disable=not progress)
@@ -320,12 +377,19 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
         for index in range(start, len(source)):
             block_start = time.perf_counter()
             block = source.load(index)
-            results, rows = _quantize_block(block, index, hidden, contexts[index], config, layout, device, hook)
-            bar.update(len(rows))
             dtype = next(block.parameters()).dtype
-            out = store.new(index + 1, hidden.shape)
-            for context in contexts[index]:
-                out[context.rows] = _run_block(block, hidden[context.rows], context, dtype, device).float().to(out.device)
+            float_block = copy.deepcopy(block) if float_store is not None else None
+            results, rows = _quantize_block(block, index, hidden, contexts[index], config, layout, device, hook,
+                                            reference=None if float_block is None else (float_block, float_hidden))
+            bar.update(len(rows))
+            out = _propagate(block, hidden, contexts[index], store.new(index + 1, hidden.shape), dtype, device)
+            if float_block is not None:
+                float_hidden = _propagate(float_block, float_hidden, contexts[index],
+                                          float_store.new(index + 1, hidden.shape), dtype, device)
+                if float_store.scratch is not None:  # durable before the block's checkpoint
+                    float_store.persist(index + 1, float_hidden)
+                float_store.drop(index)
+                del float_block
             if on_block_done is not None:
                 on_block_done(index, results, rows, out)
             source.release(index, block)
@@ -375,6 +439,9 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
 
 def check_layers(blocks, layout: ModelLayout, config: QuantizeConfig) -> None:
     """Fail before any heavy work if a Linear is missing or cannot be stored with these options."""
+    if config.gptaq and layout.experts is not None:
+        raise ConfigError("gptaq", f"not available for {layout.name} models: the float and the quantized "
+                          "model route tokens to different experts, so their inputs cannot be paired")
     for index, block in enumerate(blocks):
         for path, shape in layout.block_shapes(index, block).items():
             config.check_layer(*shape, name=path)

@@ -16,6 +16,8 @@ from gptq_plugins.config import QuantizeConfig
 from gptq_plugins.grid import dequantize_codes, find_params, round_to_grid
 
 MAX_DAMP_PERCENT = 1.0  # damping escalation stops here; past it the layer falls back to RTN
+# GPTAQ's step size on the asymmetry correction (Li et al., ICML 2025, who use 0.25 throughout).
+GPTAQ_ALPHA = 0.25
 
 
 @dataclass
@@ -38,8 +40,14 @@ class QuantizedWeight:
         return dequantize_codes(self.codes, self.scales[groups].T, self.zeros[groups].T)
 
 
-def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConfig) -> QuantizedWeight:
-    """GPTQ-quantize `weight [out, in]` against the layer Hessian `hessian [in, in]`."""
+def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConfig,
+                    asymmetry: torch.Tensor | None = None) -> QuantizedWeight:
+    """GPTQ-quantize `weight [out, in]` against the layer Hessian `hessian [in, in]`.
+
+    With `asymmetry [in, in]` (GPTAQ's `2/N sum (r - x) x^T`, `r` the float model's inputs, `x`
+    the quantized model's), the columns still to quantize also absorb `W (r - x)`: the target is
+    the float model's output, not this layer's output on already-perturbed inputs.
+    """
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
         raise ValueError(f"hessian must be [{in_features}, {in_features}] for a weight of shape "
@@ -54,11 +62,16 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
     dead = h.diagonal() == 0  # inputs that were always zero carry no signal
     h.diagonal()[dead] = 1
     w_t[dead] = 0
+    if asymmetry is not None:
+        _check_finite(asymmetry, "asymmetry")
+        asymmetry = asymmetry.detach().to(device=w_t.device, dtype=torch.float32, copy=True)
+        asymmetry[:, dead] = 0
     # Static groups (and the single group of group_size=-1) are fixed by the unpermuted weight.
     fixed = _contiguous_group_params(w_t.T, config) if config.static_groups or n_groups == 1 else None
     perm = _quantization_order(h.diagonal(), config, group_size)
     if perm is not None:
         w_t, h = w_t[perm], h[perm[:, None], perm]
+        asymmetry = None if asymmetry is None else asymmetry[perm[:, None], perm]
     hinv_upper, damp_percent = _inverse_hessian_factor(h, config.damp_percent)
     if hinv_upper is None:
         reason = (f"Hessian not positive definite even with damping {damp_percent:g} of its mean "
@@ -72,8 +85,10 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
     else:  # groups follow the quantization order, recomputed at each group start
         g_idx = positions // group_size if perm is None else torch.argsort(perm) // group_size
         column_groups = positions // group_size
+    # GPTAQ's correction, as each quantized column passes it on to the columns after it.
+    carry = None if asymmetry is None else GPTAQ_ALPHA * (asymmetry @ hinv_upper.T).triu_(1) @ hinv_upper
     codes_t, scales, zeros, loss = _gptq_columns(w_t, hinv_upper, config, fixed, column_groups.tolist(),
-                                                 n_groups)
+                                                 n_groups, carry)
     if perm is not None:
         codes_t = codes_t[torch.argsort(perm)]
     if config.act_group_aware and fixed is None:  # whole groups moved: index them in place again
@@ -102,11 +117,13 @@ def _quantization_order(diagonal: torch.Tensor, config: QuantizeConfig, group_si
     return (within + starts)[torch.argsort(by_group.sum(dim=1), descending=True)].reshape(-1)
 
 
-def _gptq_columns(w_t, hinv_upper, config, fixed, column_groups, n_groups):
+def _gptq_columns(w_t, hinv_upper, config, fixed, column_groups, n_groups, carry=None):
     """The column loop of `fasterquant` on the transposed weight `w_t [in, out]` (updated in place).
 
     `fixed`: precomputed `(scales, zeros)` per group, or None to compute each group's grid from
-    the updated weights when its first column comes up. Returns codes (as floats, `[in, out]`, in
+    the updated weights when its first column comes up. `carry [in, in]` (GPTAQ): column i also
+    adds `carry[i, j] * w_i` to each later column j, `w_i` its value when quantized (rows of
+    `w_t` keep it, so the lazy block update is exact). Returns codes (as floats, `[in, out]`, in
     quantization order), scales and zeros `[n_groups, out]`, and the summed loss.
     """
     in_features, out_features = w_t.shape
@@ -129,9 +146,13 @@ def _gptq_columns(w_t, hinv_upper, config, fixed, column_groups, n_groups):
             q = dequantize_codes(codes[column], scale, zero)
             torch.div(w - q, hinv_block[i, i], out=errors[i])
             w_t[column + 1:i2].addr_(hinv_block[i, i + 1:], errors[i], alpha=-1)
+            if carry is not None:
+                w_t[column + 1:i2].addr_(carry[column, column + 1:i2], w)
         block_errors = errors[:i2 - i1]
         loss += block_errors.square().sum() / 2
         w_t[i2:].addmm_(hinv_upper[i1:i2, i2:].T, block_errors, alpha=-1)
+        if carry is not None:
+            w_t[i2:].addmm_(carry[i1:i2, i2:].T, w_t[i1:i2])
     return codes, scales, zeros, float(loss)
 
 

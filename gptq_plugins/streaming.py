@@ -105,6 +105,11 @@ class ActivationStore:
         self.scratch, self.offload, self.device = scratch, offload, torch.device(device)
         self._arrays: dict[int, np.ndarray] = {}
 
+    def sibling(self, name: str) -> "ActivationStore":
+        """Another stream of hidden states kept like this one, under `scratch/name`."""
+        return ActivationStore(None if self.scratch is None else self.scratch / name, offload=self.offload,
+                               device=self.device)
+
     def file(self, index: int) -> Path:
         return self.scratch / f"hidden-{index:05d}.npy"
 

@@ -90,7 +90,8 @@ def test_export_writes_the_same_artifact_as_gptq_plugins_quantize(both_artifacts
     assert (optimum_qc["quant_method"], optimum_qc["bits"], optimum_qc["group_size"], optimum_qc["desc_act"],
             optimum_qc["sym"], optimum_qc["damp_percent"]) == ("gptq", 4, 64, True, False, 0.02)
     assert optimum_qc["meta"]["calibration"] == {"dataset": "builtin", "num_samples": 8, "seq_len": 64, "seed": 3,
-                                                 "hessian_dtype": "float32", "act_group_aware": False}
+                                                 "hessian_dtype": "float32", "act_group_aware": False,
+                                                 "gptaq": False}
     optimum_tensors, cli_tensors = optimum_artifact.state_dict(), cli_artifact.state_dict()
     assert sorted(optimum_tensors) == sorted(cli_tensors)
     assert len(optimum_artifact.modules) == 14

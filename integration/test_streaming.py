@@ -109,6 +109,20 @@ def test_sigterm_stops_cleanly_and_keeps_progress(model_dir, reference, tmp_path
     assert artifact_bytes(out) == reference
 
 
+def test_gptaq_resumes_with_its_float_hidden_states(model_dir, tmp_path):
+    """GPTAQ carries a second stream (the float model's hidden states); a stopped run resumes it."""
+    whole = tmp_path / "whole"
+    quantize(model_dir, whole, "--gptaq")
+    out = tmp_path / "stopped"
+    proc = _start_and_wait_for_block(model_dir, out, 1, "--gptaq")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert (tmp_path / ".stopped.partial" / "scratch" / "float").is_dir()
+    quantize(model_dir, out, "--gptaq", "--resume")
+    assert artifact_bytes(out) == artifact_bytes(whole)
+
+
 def test_resume_with_other_options_is_refused(model_dir, tmp_path):
     out = tmp_path / "mixed"
     proc = _start_and_wait_for_block(model_dir, out, 1)

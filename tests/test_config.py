@@ -52,7 +52,7 @@ def test_layer_checks_name_the_layer():
     QuantizeConfig(bits=3, group_size=32, sym=False, desc_act=True, static_groups=True, mse_clip=True),
     QuantizeConfig(bits=8, group_size=-1, format="gptq", true_sequential=False, damp_percent=0.05),
     QuantizeConfig(hessian_dtype="bfloat16", seed=7, num_samples=3),
-    QuantizeConfig(bits=3, act_group_aware=True),
+    QuantizeConfig(bits=3, act_group_aware=True, gptaq=True),
 ])
 def test_quantization_config_round_trip_is_json_clean(cfg):
     qc = json.loads(json.dumps(cfg.to_quantization_config(version="9.9", modules_not_to_convert=["lm_head"])))

@@ -64,6 +64,26 @@ def test_bfloat16_hessian_gives_nearly_the_same_layers(model_dir):
     assert abs(errors["bfloat16"] - errors["float32"]) <= 0.05 * errors["float32"]
 
 
+def test_gptaq_pairs_the_float_models_inputs_with_the_quantized_ones(tmp_path):
+    """Block 0's q/k/v see the same inputs on both paths, so GPTAQ changes nothing there; every
+    later layer is fitted to the float model's output and differs; the float stream survives
+    offloading (byte-identical artifacts)."""
+    model_dir = build_tiny_model(tmp_path / "m", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 with_tokenizer=False)
+    config = CONFIG.replace(bits=3, num_samples=4)
+    ids = torch.arange(64).view(4, 16) % 50
+    plain = read_tensors(quantize_model(model_dir, tmp_path / "plain", config, ids, progress=False))
+    gptaq = read_tensors(quantize_model(model_dir, tmp_path / "gptaq", config.replace(gptaq=True), ids,
+                                        progress=False))
+    offloaded = read_tensors(quantize_model(model_dir, tmp_path / "off", config.replace(gptaq=True), ids,
+                                            progress=False, offload_activations=True))
+    first = [f"model.layers.0.self_attn.{p}_proj.qweight" for p in "qkv"]
+    assert all(torch.equal(plain[name], gptaq[name]) for name in first)
+    changed = {name.rsplit(".", 1)[0] for name in plain if not torch.equal(plain[name], gptaq[name])}
+    assert len(changed) == 2 * 7 - 3
+    assert gptaq.keys() == offloaded.keys() and all(torch.equal(gptaq[k], offloaded[k]) for k in gptaq)
+
+
 GPT2_IDS = torch.arange(32).view(2, 16) % 50
 GPT2_POSITIONS = 64
 
