@@ -285,6 +285,34 @@ def test_tensor_parallel_2_gives_the_tokens_of_1(artifacts, prompt_ids, served, 
     assert result["tokens"] == served[TP_CASE]["tokens"]
 
 
+def test_tensor_parallel_2_serves_mixture_of_experts(tmp_path):
+    """Each rank keeps its slice of every expert (w1/w3 output columns, w2 input rows): without
+    act-order w2 keeps only its own rows' groups, with act-order every group."""
+    import torch
+
+    from gptq_plugins.config import QuantizeConfig
+    from gptq_plugins.pipeline import quantize_model
+    from gptq_plugins.testing import build_tiny_model, greedy_tokens_transformers
+
+    model_dir = build_tiny_model(tmp_path / "mixtral", model_type="mixtral", hidden_size=64,
+                                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=512, num_local_experts=4, num_experts_per_tok=2)
+    calibration = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    prompts = [[5, 17, 42, 99, 7, 250, 311, 64], [300, 2, 81, 190, 45, 12]]
+    jobs, expected = [], {}
+    for desc_act in (False, True):
+        label = f"moe-tp2{'-act' if desc_act else ''}"
+        config = QuantizeConfig(bits=4, group_size=32, desc_act=desc_act, num_samples=8, seq_len=32)
+        artifact = quantize_model(model_dir, tmp_path / label, config, calibration, progress=False)
+        expected[label] = greedy_tokens_transformers(artifact, prompts, NEW_TOKENS)
+        jobs.append({"label": label, "model": str(artifact), "quantization": "gptq_plugins", "dtype": "float32",
+                     "prompts": prompts, "tensor_parallel_size": 2})
+    results = engine_subprocess(jobs, tmp_path, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    for label, tokens in expected.items():
+        assert "error" not in results[label], results[label]
+        assert results[label]["tokens"] == tokens, label
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

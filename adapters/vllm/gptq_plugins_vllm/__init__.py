@@ -23,4 +23,4 @@ def register() -> None:
 @hookimpl
 def gptq_plugins_describe():
     found = "vLLM found" if importlib.util.find_spec("vllm") else "vLLM not installed"
-    return f"vLLM: --quantization gptq_plugins (2/3/4/8-bit, act-order, asymmetric, tensor parallel; MoE experts on one rank; {found})"
+    return f"vLLM: --quantization gptq_plugins (2/3/4/8-bit, act-order, asymmetric, tensor parallel, MoE experts; {found})"

@@ -2,9 +2,11 @@
 
 The artifact stores each expert's projections as separate GPTQ v1 Linears under the checkpoint's
 names (`experts.<e>.w1|w3|w2` or `gate_proj|up_proj|down_proj`); vLLM's expert loader hands each
-tensor to this method with its expert id and part (`w1`, `w3`, `w2`). After loading, every
-expert projection becomes one core `QuantLinear` over its slice of the stacked tensors, and each
-forward runs every routed expert on its own tokens only, with the weights kept packed.
+tensor to this method with its expert id and part (`w1`, `w3`, `w2`). With tensor parallelism
+each rank keeps its slice of every expert's intermediate dimension: the output columns of w1/w3,
+the input rows of w2 (vLLM sums the ranks' partial outputs). After loading, every expert
+projection becomes one core `QuantLinear` over its slice of the stacked tensors, and each forward
+runs every routed expert on its own tokens only, with the weights kept packed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 class GPTQPluginsMoEMethod(FusedMoEMethodBase):
-    """Routed experts stored as GPTQ v1 Linears of any bits, order and symmetry (one rank)."""
+    """Routed experts stored as GPTQ v1 Linears of any bits, order and symmetry."""
 
     def __init__(self, quant_config, moe):
         super().__init__(moe)
@@ -39,10 +41,9 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
                        params_dtype: torch.dtype, **extra_weight_attrs):
         name = layer.layer_name
         parallel = self.moe.moe_parallel_config
-        if parallel.tp_size > 1 or parallel.use_ep:
-            raise NotImplementedError(
-                f"{name}: gptq_plugins serves mixture-of-experts layers on one rank only; use "
-                "--tensor-parallel-size 1 without expert parallelism")
+        if parallel.use_ep:
+            raise NotImplementedError(f"{name}: gptq_plugins does not serve mixture-of-experts layers with "
+                                      "expert parallelism; use tensor parallelism")
         if layer.activation not in ACTIVATIONS or layer.apply_router_weight_on_input:
             raise NotImplementedError(
                 f"{name}: gptq_plugins serves experts with a gated {[a.value for a in ACTIVATIONS]} activation "
@@ -50,13 +51,27 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
                 f"{' with weights on the inputs' if layer.apply_router_weight_on_input else ''}")
         self.act_fn = ACTIVATIONS[layer.activation]
         self.dtype = params_dtype
-        # (in, out) of one expert's projection in each stack; a stack holds [experts, parts, ...].
-        self.shapes = {"w13": (hidden_size, intermediate_size_per_partition),
-                       "w2": (intermediate_size_per_partition, hidden_size)}
+        bits, rank_size = self.options.bits, intermediate_size_per_partition
+        self.rank, full_size = parallel.tp_rank, intermediate_size_per_partition * parallel.tp_size
+        self.options.check_layer(hidden_size, full_size, name=f"{name}.w13")
+        self.options.check_layer(full_size, hidden_size, name=f"{name}.w2")
+        tp_note = "per tensor-parallel rank; use a smaller --tensor-parallel-size"
+        if rank_size * bits % WORD_BITS:
+            raise ValueError(f"{name}: a {rank_size}-wide intermediate slice x {bits} bits is not a whole "
+                             f"number of 32-bit words {tp_note}")
+        group_size = self.options.group_size_for(full_size)
+        # As in row-parallel Linears: without act-order a rank keeps the groups of its own w2 rows
+        # (which must then hold whole groups); with act-order every group, and its slice of g_idx.
+        self.w2_groups_follow_rows = parallel.tp_size > 1 and group_size != full_size and not self.options.desc_act
+        if self.w2_groups_follow_rows and rank_size % group_size:
+            raise ValueError(f"{name}: group size {group_size} does not divide the {rank_size} intermediate "
+                             f"rows of w2 {tp_note}")
+        self.w2_groups = rank_size // group_size if self.w2_groups_follow_rows else self.options.groups_for(full_size)
+        # (in, out) of one expert's projection in each stack on this rank; a stack holds [experts, parts, ...].
+        self.shapes = {"w13": (hidden_size, rank_size), "w2": (rank_size, hidden_size)}
         for stack, (n_in, n_out) in self.shapes.items():
             parts = 2 if stack == "w13" else 1
-            self.options.check_layer(n_in, n_out, name=f"{name}.{stack}")
-            n_groups = self.options.groups_for(n_in)
+            n_groups = self.options.groups_for(n_in) if stack == "w13" else self.w2_groups
             shapes = {"qweight": ((n_in * self.options.bits // WORD_BITS, n_out), torch.int32),
                       "qzeros": ((n_groups, n_out * self.options.bits // WORD_BITS), torch.int32),
                       "scales": ((n_groups, n_out), params_dtype),
@@ -64,14 +79,30 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
             for tensor, (shape, dtype) in shapes.items():
                 param = torch.nn.Parameter(torch.empty(num_experts, parts, *shape, dtype=dtype), requires_grad=False)
                 param.weight_loader = self._load_expert_tensor
+                param.tensor_name = tensor
                 layer.register_parameter(f"{stack}_{tensor}", param)
 
-    @staticmethod
-    def _load_expert_tensor(param, loaded_weight: torch.Tensor, weight_name: str, shard_id: str,
+    def _rank_slice(self, tensor: str, stack: str, loaded: torch.Tensor) -> torch.Tensor:
+        """This rank's part of one expert's full checkpoint tensor."""
+        size = self.shapes[stack][1 if stack == "w13" else 0]  # the intermediate slice on this rank
+        words = size * self.options.bits // WORD_BITS
+        if stack == "w13":  # output columns; g_idx follows the (whole) hidden input
+            cuts = {"qweight": (1, size), "scales": (1, size), "qzeros": (1, words), "g_idx": None}
+        else:  # input rows; scales and zeros by group, when groups follow the rows
+            rows = (0, self.w2_groups) if self.w2_groups_follow_rows else None
+            cuts = {"qweight": (0, words), "g_idx": (0, size), "scales": rows, "qzeros": rows}
+        if cuts[tensor] is None:
+            return loaded
+        dim, length = cuts[tensor]
+        return loaded.narrow(dim, self.rank * length, length)
+
+    def _load_expert_tensor(self, param, loaded_weight: torch.Tensor, weight_name: str, shard_id: str,
                             expert_id: int, return_success: bool = False):
-        """Copy one expert's tensor of part `shard_id` (w1, w3 or w2) into its slot of the stack."""
-        _, part = PARTS[shard_id]
+        """Copy this rank's part of one expert's tensor of part `shard_id` (w1, w3 or w2) into its slot."""
+        stack, part = PARTS[shard_id]
         slot = param.data[expert_id, part]
+        if tuple(loaded_weight.shape) != tuple(slot.shape):
+            loaded_weight = self._rank_slice(param.tensor_name, stack, loaded_weight)
         if tuple(loaded_weight.shape) != tuple(slot.shape):
             raise ValueError(f"{weight_name} (expert {expert_id}, {shard_id}): expected a tensor "
                              f"{list(slot.shape)}, got {list(loaded_weight.shape)}")
@@ -87,6 +118,8 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
                 core = QuantLinear(*self.shapes[stack], self.options.bits, self.options.group_size, dtype=self.dtype)
                 for tensor in TENSORS:
                     setattr(core, tensor, getattr(layer, f"{stack}_{tensor}").data[expert, index])
+                if stack == "w2" and self.w2_groups_follow_rows:  # g_idx counts groups from rank 0's first row
+                    core.g_idx -= self.rank * self.w2_groups
                 n_groups = core.scales.shape[0]
                 g_idx = core.g_idx
                 if int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
