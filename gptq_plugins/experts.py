@@ -75,15 +75,6 @@ def expert_count(module: torch.nn.Module) -> int:
     return module.gate_up_proj.shape[0] if is_fused(module) else len(module)
 
 
-def expert_shapes(module: torch.nn.Module) -> tuple[int, int]:
-    """`(hidden, intermediate)` of a fused or unfused experts module."""
-    if isinstance(module, UnfusedExperts):
-        first = module.expert(0)
-        gate = getattr(first, first.projections[0])
-        return gate.in_features, gate.out_features
-    return module.down_proj.shape[1], module.down_proj.shape[2]
-
-
 def unfuse(module: torch.nn.Module, projections: tuple[str, str, str], path: str, *,
            empty: bool = False) -> UnfusedExperts:
     """`UnfusedExperts` holding the fused module's weights; with `empty` (or from the meta

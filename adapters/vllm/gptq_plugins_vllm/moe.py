@@ -52,7 +52,8 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
         self.act_fn = ACTIVATIONS[layer.activation]
         self.dtype = params_dtype
         bits, rank_size = self.options.bits, intermediate_size_per_partition
-        self.rank, full_size = parallel.tp_rank, intermediate_size_per_partition * parallel.tp_size
+        self.rank, self.ranks = parallel.tp_rank, parallel.tp_size
+        full_size = intermediate_size_per_partition * parallel.tp_size
         self.options.check_layer(hidden_size, full_size, name=f"{name}.w13")
         self.options.check_layer(full_size, hidden_size, name=f"{name}.w2")
         tp_note = "per tensor-parallel rank; use a smaller --tensor-parallel-size"
@@ -94,6 +95,8 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
         if cuts[tensor] is None:
             return loaded
         dim, length = cuts[tensor]
+        if loaded.shape[dim] != length * self.ranks:  # not a full tensor: the caller names the mismatch
+            return loaded
         return loaded.narrow(dim, self.rank * length, length)
 
     def _load_expert_tensor(self, param, loaded_weight: torch.Tensor, weight_name: str, shard_id: str,
@@ -101,8 +104,7 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
         """Copy this rank's part of one expert's tensor of part `shard_id` (w1, w3 or w2) into its slot."""
         stack, part = PARTS[shard_id]
         slot = param.data[expert_id, part]
-        if tuple(loaded_weight.shape) != tuple(slot.shape):
-            loaded_weight = self._rank_slice(param.tensor_name, stack, loaded_weight)
+        loaded_weight = self._rank_slice(param.tensor_name, stack, loaded_weight)
         if tuple(loaded_weight.shape) != tuple(slot.shape):
             raise ValueError(f"{weight_name} (expert {expert_id}, {shard_id}): expected a tensor "
                              f"{list(slot.shape)}, got {list(loaded_weight.shape)}")
