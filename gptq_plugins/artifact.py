@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from huggingface_hub import get_torch_storage_size
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from gptq_plugins.config import ConfigError, QuantizeConfig
+from gptq_plugins.config import WRITER_MARK, ConfigError, QuantizeConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -44,6 +45,99 @@ def _shard_name(index: int, total: int) -> str:
     return f"model-{index:05d}-of-{total:05d}.safetensors"
 
 
+# What an interrupted run leaves in `.<name>.partial` (nothing else may be deleted with it).
+_PARTIAL_ENTRY = re.compile(r"(shard-\d{5}\.(safetensors|tmp)|progress\.json(\.tmp)?|scratch)")
+MAX_LISTED_ENTRIES = 5
+
+
+class OutputPathError(FileExistsError):
+    """Writing at the requested output would delete or overwrite something of the user's."""
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """The hidden sibling that holds a run's shards and checkpoints until it finishes."""
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def is_own_artifact(path: Path) -> bool:
+    """Whether `path` is an artifact this project wrote: its config marks it (`meta.quantizer`)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    block = config.get("quantization_config") if isinstance(config, dict) else None
+    meta = block.get("meta") if isinstance(block, dict) else None
+    writers = meta.get("quantizer") if isinstance(meta, dict) else None
+    if isinstance(writers, str):
+        writers = [writers]
+    marked = isinstance(writers, list) and any(str(w).startswith(WRITER_MARK) for w in writers)
+    return marked and ((path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file())
+
+
+def _is_own_partial(path: Path) -> bool:
+    return all(_PARTIAL_ENTRY.fullmatch(entry.name) for entry in path.iterdir())
+
+
+def _listing(path: Path) -> str:
+    names = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in path.iterdir())
+    more = len(names) - MAX_LISTED_ENTRIES
+    return ", ".join(names[:MAX_LISTED_ENTRIES]) + (f" and {more} more" if more > 0 else "")
+
+
+def _overlap(path: Path, source: Path, what: str) -> str | None:
+    if path == source:
+        return f"output: {what}{path} is the source directory; expected a separate directory"
+    if source in path.parents:
+        return f"output: {what}{path} is inside the source directory {source}; expected a directory outside it"
+    if path in source.parents:
+        return f"output: {what}{path} contains the source directory {source}; expected a directory apart from it"
+    return None
+
+
+def output_problem(out_dir: str | os.PathLike, *, source: str | os.PathLike | None = None,
+                   overwrite: bool = False, resume: bool = False) -> str | None:
+    """Why an artifact cannot be written at `out_dir` without risk to the user's files, or None.
+
+    The one copy of this rule: `ArtifactWriter` enforces it and the up-front checks report it.
+    Neither the output nor its `.partial` sibling may be, contain or lie inside `source`;
+    `overwrite` replaces only an empty directory or one of our own artifacts, and removes only a
+    `.partial` that holds nothing but what an interrupted run of ours leaves.
+    """
+    out_dir = Path(out_dir).resolve()
+    partial = partial_dir(out_dir)
+    if source is not None:
+        source = Path(source).resolve()
+        for path, what in ((out_dir, ""), (partial, "the scratch directory ")):
+            problem = _overlap(path, source, what)
+            if problem:
+                return problem
+    parent = out_dir.parent
+    if not parent.exists():
+        return f"output: parent directory {parent} does not exist; expected an existing directory"
+    if not parent.is_dir():
+        return f"output: {parent} is not a directory; expected the output's parent to be a directory"
+    if out_dir.exists():
+        if not overwrite:
+            return f"output: {out_dir} already exists; expected a new path (or pass --overwrite to replace it)"
+        if not out_dir.is_dir():
+            return f"output: {out_dir} is a file; --overwrite replaces only a directory written by gptq-plugins"
+        if any(out_dir.iterdir()) and not is_own_artifact(out_dir):
+            return (f"output: {out_dir} holds {_listing(out_dir)}, which is not an artifact written by "
+                    "gptq-plugins; --overwrite replaces only such an artifact or an empty directory")
+    if partial.exists() and not resume:
+        if not overwrite:
+            return (f"output: an interrupted run left {partial}; pass --resume to continue it or "
+                    "--overwrite to start over")
+        if not partial.is_dir() or not _is_own_partial(partial):
+            return (f"output: {partial} holds {_listing(partial) if partial.is_dir() else 'a file'}, which is "
+                    "not what an interrupted gptq-plugins run leaves; move it away first")
+    try:  # the honest test: root passes os.access on paths it still cannot write
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=parent))
+    except OSError as err:
+        return f"output: cannot create directories in {parent} ({err.strerror}); expected a writable directory"
+    return None
+
+
 class ArtifactWriter:
     """Streams tensors into shards inside `.<name>.partial`, a hidden sibling of `out_dir`.
 
@@ -51,21 +145,18 @@ class ArtifactWriter:
     JSON state durable, so an interrupted run can continue with `resume=True`; leaving the block
     with an exception keeps the partial directory only if a checkpoint was taken (so it can be
     resumed) and removes it otherwise. `finish` writes the metadata and renames the directory
-    into place: nothing half-written is ever at `out_dir`.
+    into place: nothing half-written is ever at `out_dir`, and an earlier artifact there is
+    removed only once the new one is complete. `source` is the directory the artifact is made
+    from: see `output_problem` for what is refused.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 overwrite: bool = False, resume: bool = False):
+    def __init__(self, out_dir: str | os.PathLike, *, source: str | os.PathLike | None = None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, resume: bool = False):
+        problem = output_problem(out_dir, source=source, overwrite=overwrite, resume=resume)
+        if problem:
+            raise OutputPathError(problem)
         self.out_dir = Path(out_dir).resolve()
-        if self.out_dir.exists() and not overwrite:
-            raise FileExistsError(f"output directory {self.out_dir} already exists "
-                                  "(pass --overwrite to replace it)")
-        parent = self.out_dir.parent
-        if not parent.is_dir():
-            raise FileNotFoundError(f"parent of the output directory does not exist: {parent}")
-        if not os.access(parent, os.W_OK):
-            raise PermissionError(f"cannot write the output directory: {parent} is not writable")
-        self.tmp_dir = parent / f".{self.out_dir.name}.partial"
+        self.tmp_dir = partial_dir(self.out_dir)
         self.scratch = self.tmp_dir / "scratch"
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
@@ -75,11 +166,8 @@ class ArtifactWriter:
         self.state: dict | None = None  # the state of the last checkpoint, when resuming
         if resume:
             self._restore()
-        elif self.tmp_dir.exists() and not overwrite:
-            raise FileExistsError(f"an interrupted run left {self.tmp_dir}: pass --resume to continue it "
-                                  "or --overwrite to start over")
         else:
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)  # checked above: an interrupted run's own
             self.tmp_dir.mkdir()
 
     def __enter__(self) -> "ArtifactWriter":

@@ -64,7 +64,7 @@ def run_quantize(model: str, output: str, args: argparse.Namespace) -> Path:
 
     config = config_from_args(args)
     checked = check_quantize_inputs(model, output, config, trust_remote_code=args.trust_remote_code,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, resume=args.resume)
     path = quantize_model(checked.model_dir, checked.out_dir, config, calibration=checked.calibration,
                           device=args.device, trust_remote_code=args.trust_remote_code,
                           overwrite=args.overwrite, streaming=args.streaming,

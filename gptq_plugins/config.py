@@ -19,6 +19,8 @@ HESSIAN_DTYPES = ("float32", "bfloat16")
 # Run options recorded under `meta.calibration` of `quantization_config` (they shape the result).
 CALIBRATION_META_KEYS = ("dataset", "num_samples", "seq_len", "seed", "hessian_dtype", "act_group_aware", "gptaq")
 QUANT_METHOD = "gptq_plugins"
+# Our entry in `meta.quantizer`: it marks an artifact as ours (only ours may be replaced).
+WRITER_MARK = "gptq-plugins:"
 
 # Keys written into `quantization_config` that are not options (always accepted on read).
 _METADATA_KEYS = {"quant_method", "checkpoint_format", "meta", "modules_in_block_to_quantize",
@@ -176,7 +178,7 @@ class QuantizeConfig:
             if f.metadata["artifact"]:
                 out[f.name] = getattr(self, f.name)
         out["checkpoint_format"] = "gptq"
-        meta = {"quantizer": [f"gptq-plugins:{version}"],
+        meta = {"quantizer": [f"{WRITER_MARK}{version}"],
                 "calibration": {key: getattr(self, key) for key in CALIBRATION_META_KEYS}}
         meta.update(extra_meta or {})
         out["meta"] = meta

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptq_plugins.artifact import ArtifactWriter, read_artifact
-from gptq_plugins.config import QUANT_METHOD, ConfigError, QuantizeConfig
+from gptq_plugins.config import QUANT_METHOD, WRITER_MARK, ConfigError, QuantizeConfig
 
 OTHER_METHOD = {QUANT_METHOD: "gptq", "gptq": QUANT_METHOD}
 # Errors of os.link that mean "cannot link here" rather than "something is wrong".
@@ -47,12 +47,24 @@ def _link_or_copy(src: Path, dst: Path) -> bool:
     return False
 
 
+def _with_writer_mark(meta) -> dict:
+    """`meta` with our entry added to its `quantizer` list (other writers' entries kept), so the
+    converted checkpoint is known as our output (see `artifact.output_problem`)."""
+    from gptq_plugins import __version__
+
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    writers = meta.get("quantizer") or []
+    writers = [writers] if isinstance(writers, str) else list(writers)
+    if not any(str(w).startswith(WRITER_MARK) for w in writers):
+        writers.append(f"{WRITER_MARK}{__version__}")
+    meta["quantizer"] = writers
+    return meta
+
+
 def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *, to: str | None = None,
                        overwrite: bool = False) -> Conversion:
     """Write `output`: `source` with `quant_method` set to `to` (default: the other method)."""
-    source, output = Path(source).resolve(), Path(output).resolve()
-    if output == source or source in output.parents:
-        raise ConfigError("output", f"{output} is the checkpoint {source} or inside it")
+    source = Path(source).resolve()
     artifact = read_artifact(source)
     block = dict(artifact.model_config["quantization_config"])
     current = block.get("quant_method", QUANT_METHOD)
@@ -62,12 +74,13 @@ def convert_checkpoint(source: str | os.PathLike, output: str | os.PathLike, *, 
     if target == current:
         raise ConfigError("to", f"{source} already has quant_method {current!r}")
     block["quant_method"] = target
+    block["meta"] = _with_writer_mark(block.get("meta"))
     # The converted block must be one its loaders accept (ours reads strictly).
     QuantizeConfig.from_quantization_config(
         block, source=f"{source / 'config.json'}: quantization_config as {target!r}", strict=target == QUANT_METHOD)
     tensor_files = set(artifact.weight_map.values())
     linked, copied = [], []
-    with ArtifactWriter(output, overwrite=overwrite) as writer:
+    with ArtifactWriter(output, source=source, overwrite=overwrite) as writer:
         for entry in sorted(source.iterdir()):
             destination = writer.tmp_dir / entry.name
             if entry.name == "config.json":

@@ -557,7 +557,10 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
     blocks = layout.block_list(model)
     check_layers(blocks, layout, config)
     device = torch.device(device) if device else torch.device("cpu") if checkpoint else next(model.parameters()).device
-    with ArtifactWriter(out_dir, overwrite=overwrite, resume=resume) as writer:
+    # A model loaded from a directory must not be overwritten by its own artifact either.
+    loaded_from = getattr(model, "name_or_path", None)
+    source = source_dir or (Path(loaded_from) if loaded_from and Path(loaded_from).is_dir() else None)
+    with ArtifactWriter(out_dir, source=source, overwrite=overwrite, resume=resume) as writer:
         state = writer.state
         if state is not None:
             if state["config"] != config.to_dict():

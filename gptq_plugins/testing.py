@@ -154,3 +154,12 @@ def rewrite_tensor(directory: str | os.PathLike, name: str, change) -> None:
     tensors = load_file(shard)
     tensors[name] = change(tensors[name]).contiguous()
     save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def tree_digest(root: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file under `root` by relative path: equal digests mean nothing was touched."""
+    import hashlib
+
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gptq_plugins.artifact import ArtifactError, read_model_config
+from gptq_plugins.artifact import ArtifactError, output_problem, read_model_config
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
 from gptq_plugins.linear_weights import features
@@ -57,14 +56,16 @@ class CheckedInputs:
 
 
 def check_quantize_inputs(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: QuantizeConfig, *,
-                          trust_remote_code: bool = False, overwrite: bool = False) -> CheckedInputs:
+                          trust_remote_code: bool = False, overwrite: bool = False,
+                          resume: bool = False) -> CheckedInputs:
     """Check everything a run of `config` from `model_dir` to `out_dir` needs; raise `ValidationError`.
 
     Touches nothing at `out_dir`. The slowest part is one streaming read of the weights for NaN/inf,
     small next to quantization.
     """
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
-    problems = _output_problems(model_dir, out_dir, overwrite=overwrite)
+    problem = output_problem(out_dir, source=model_dir, overwrite=overwrite, resume=resume)
+    problems = [problem] if problem else []
     if not model_dir.is_dir():
         raise ValidationError(problems + [f"model directory {model_dir}: does not exist"])
     layout, reference, config_problems = _architecture(model_dir, trust_remote_code)
@@ -77,31 +78,6 @@ def check_quantize_inputs(model_dir: str | os.PathLike, out_dir: str | os.PathLi
     if problems:
         raise ValidationError(problems)
     return CheckedInputs(model_dir, out_dir, layout, calibration)
-
-
-def _output_problems(model_dir: Path, out_dir: Path, *, overwrite: bool) -> list[str]:
-    """The output must be a new (or, with overwrite, replaceable) directory in a writable parent,
-    apart from the model: replacing a directory that holds the model would delete it."""
-    if out_dir == model_dir:
-        return [f"output: {out_dir} is the model directory; expected a separate directory"]
-    if model_dir in out_dir.parents:
-        return [f"output: {out_dir} is inside the model directory {model_dir}; expected a directory outside it"]
-    if out_dir in model_dir.parents:
-        return [f"output: {out_dir} contains the model directory {model_dir}; expected a directory apart from it"]
-    if out_dir.exists() and not overwrite:
-        return [f"output: {out_dir} already exists; expected a new path (or pass --overwrite to replace it)"]
-    if out_dir.exists() and not out_dir.is_dir():
-        return [f"output: {out_dir} is a file; expected a directory to replace"]
-    parent = out_dir.parent
-    if not parent.exists():
-        return [f"output: parent directory {parent} does not exist; expected an existing directory"]
-    if not parent.is_dir():
-        return [f"output: {parent} is not a directory; expected the output's parent to be a directory"]
-    try:  # the honest test: root passes os.access on paths it still cannot write
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=parent))
-    except OSError as err:
-        return [f"output: cannot create directories in {parent} ({err.strerror}); expected a writable directory"]
-    return []
 
 
 def _architecture(model_dir: Path, trust_remote_code: bool):

@@ -118,3 +118,21 @@ def test_bad_options_fail_clearly_and_leave_nothing(model_dir, tmp_path, options
     assert f"optimum-cli export gptq: error: {message}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_outputs_that_would_delete_the_users_files(model_dir, tmp_path):
+    """The guard of every writer (tests/test_output_safety.py) holds behind optimum-cli too."""
+    from gptq_plugins.testing import tree_digest
+
+    models = tmp_path / "models"
+    shutil.copytree(model_dir, models / "tiny")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    before = tree_digest(tmp_path)
+    for output, message in ((models, "contains the source directory"),
+                            (models / "tiny" / "out", "is inside the source directory"),
+                            (tmp_path / "mine", "holds thesis.tex, which is not an artifact written by gptq-plugins")):
+        proc = run([OPTIMUM_CLI, "export", "gptq", "-m", models / "tiny", output, "--overwrite",
+                    "--num-samples", "8", "--seq-len", "64"], check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert tree_digest(tmp_path) == before
