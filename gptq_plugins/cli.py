@@ -85,6 +85,9 @@ def print_summary(model_dir: Path, artifact_dir: Path) -> None:
           f"{', act-order' if cfg['desc_act'] else ''}{', symmetric' if cfg['sym'] else ', asymmetric'}")
     if before:
         print(f"size: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({after / before:.1%})")
+    machine = report["machine"]
+    print(f"ran on {machine['device']} ({machine['cpu']['model']}, {machine['cpu']['kind']}); "
+          f"Hessian products in {cfg['hessian_dtype']}")
     print(f"relative output error: mean {summary['mean_relative_error']:.5f} "
           f"(round-to-nearest {summary['mean_rtn_relative_error']:.5f}), max {summary['max_relative_error']:.5f}")
     for key, label in (("fallbacks", "RTN fallback"), ("damping_escalated", "damping raised")):
@@ -151,6 +154,38 @@ def cmd_doctor(_args: argparse.Namespace) -> None:
         print(f"  {name} [{dist}]: {text}")
     print("model types: " + ", ".join(sorted({t for layout in model_layouts() for t in layout.model_types})))
     print("formats: " + ", ".join(export_formats()))
+    _print_machine()
+
+
+def _print_machine() -> None:
+    """The CPU features that change what runs, and the kernel each bit width gets (group 128)."""
+    import torch
+
+    from gptq_plugins.cpu_features import cpu_features
+    from gptq_plugins.hessian import resolve_hessian_dtype
+    from gptq_plugins.kernels import BACKEND_ENV, activation_dtype, requested_backend
+    from gptq_plugins.quant_linear import planned_backend
+
+    cpu = cpu_features()
+    print(f"cpu: {cpu.model} ({cpu.kind}; PyTorch kernels {cpu.torch_capability})")
+    print(f"  flags: {' '.join(cpu.flags) or '(none of the relevant ones)'}")
+    print(f"  bfloat16 in hardware: {'yes' if cpu.native_bfloat16 else 'no'}; --hessian-dtype auto uses "
+          f"{resolve_hessian_dtype('auto', 'cpu')} here")
+    forced = requested_backend(None)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"kernels (group 128, no act-order, backend {forced or 'auto'}{f' from {BACKEND_ENV}' if forced else ''}):")
+    for device in devices:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            choices = []
+            for bits in (2, 3, 4, 8):
+                try:
+                    backend = planned_backend(device, bits, 128, False, dtype)
+                except ValueError as err:
+                    choices.append(f"{bits}-bit: none ({err})")
+                    continue
+                computes_in = str(activation_dtype(backend, dtype)).removeprefix("torch.")
+                choices.append(f"{bits}-bit {backend.name} ({computes_in})")
+            print(f"  {device} {str(dtype).removeprefix('torch.')}: " + ", ".join(choices))
 
 
 def build_parser() -> argparse.ArgumentParser:

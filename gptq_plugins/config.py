@@ -15,7 +15,7 @@ log = logging.getLogger("gptq_plugins")
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq_plugins", "gptq")
-HESSIAN_DTYPES = ("float32", "bfloat16")
+HESSIAN_DTYPES = ("auto", "float32", "bfloat16")
 # Run options recorded under `meta.calibration` of `quantization_config` (they shape the result).
 CALIBRATION_META_KEYS = ("dataset", "num_samples", "seq_len", "seed", "hessian_dtype", "act_group_aware", "gptaq")
 QUANT_METHOD = "gptq_plugins"
@@ -89,11 +89,12 @@ class QuantizeConfig:
     seq_len: int = _option(2048, "tokens per calibration sequence (capped at the model's "
                            "context length)", artifact=False)
     seed: int = _option(0, "seed for drawing calibration windows", artifact=False)
-    hessian_dtype: str = _option("float32", "precision of the X^T X products (float32 accumulation "
+    hessian_dtype: str = _option("auto", "precision of the X^T X products (float32 accumulation "
                                  "either way): bfloat16 halves Hessian time where bfloat16 GEMMs "
                                  "are native (AVX512-BF16/AMX CPUs, GPUs) at <1%% extra error in "
-                                 "benchmarks/solver.py, and is slow where they are emulated",
-                                 choices=HESSIAN_DTYPES, artifact=False)
+                                 "benchmarks/solver.py, and is slow where they are emulated (AVX2); "
+                                 "auto takes bfloat16 exactly where it is native, and the artifact "
+                                 "records which one ran", choices=HESSIAN_DTYPES, artifact=False)
 
     def __post_init__(self):
         self._check_type("bits", int)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from gptq_plugins.cpu_features import native_bfloat16
+
 # H is symmetric: each `add` computes only the row strips on and right of the diagonal, which
 # costs (k+1)/2k of a full product for k strips (53% for 4096 inputs) at one GEMM per strip.
 # 256 measured best from 1024 to 4096 inputs: narrower strips make GEMMs less efficient.
@@ -93,3 +95,11 @@ class AsymmetryAccumulator:
 
     def asymmetry(self) -> torch.Tensor:
         return 2 * self._mean
+
+
+def resolve_hessian_dtype(name: str, device: torch.device | str) -> str:
+    """`QuantizeConfig.hessian_dtype` made concrete for `device`: `auto` is bfloat16 exactly where
+    bfloat16 GEMMs are native there, float32 elsewhere."""
+    if name != "auto":
+        return name
+    return "bfloat16" if native_bfloat16(device) else "float32"

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from gptq_plugins.calibration import CalibrationError
 from gptq_plugins.config import ConfigError, QuantizeConfig
-from gptq_plugins.hessian import AsymmetryAccumulator, HessianAccumulator
+from gptq_plugins.hessian import AsymmetryAccumulator, HessianAccumulator, resolve_hessian_dtype
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
 from gptq_plugins.linear_weights import features, read_weight, write_weight
 from gptq_plugins.packing import pack_quantized
@@ -404,8 +404,19 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
         bar.close()
 
 
-def _report(config: QuantizeConfig, layout: ModelLayout, rows: list[dict]) -> dict:
-    return {"config": config.to_dict(), "layout": layout.name, "summary": summarize(rows), "layers": rows}
+def _report(config: QuantizeConfig, layout: ModelLayout, rows: list[dict], device: torch.device) -> dict:
+    """The report: options (machine-dependent ones as they ran), where it ran, summary, per-layer rows."""
+    from gptq_plugins.cpu_features import cpu_features
+
+    machine = {"device": str(device), "cpu": cpu_features().as_dict()}
+    return {"config": config.to_dict(), "layout": layout.name, "machine": machine, "summary": summarize(rows),
+            "layers": rows}
+
+
+def resolve_run_options(config: QuantizeConfig, device: torch.device | str) -> QuantizeConfig:
+    """`config` with the options that depend on the machine (`hessian_dtype=auto`) made concrete,
+    so the run, its report and the artifact's metadata all say what actually ran."""
+    return config.replace(hessian_dtype=resolve_hessian_dtype(config.hessian_dtype, device))
 
 
 def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration: torch.Tensor, *,
@@ -423,6 +434,7 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
     blocks = layout.block_list(model)
     check_layers(blocks, layout, config)
     device = torch.device(device) if device else next(model.parameters()).device
+    config = resolve_run_options(config, device)
     results: dict[str, QuantizedWeight] = {}
     rows: list[dict] = []
 
@@ -434,7 +446,7 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
 
     run_blocks(model, LoadedBlocks(blocks, device), layout, config, calibration, ActivationStore(None, device=device),
                device=device, progress=progress, on_block_done=done)
-    return results, _report(config, layout, rows)
+    return results, _report(config, layout, rows, device)
 
 
 def check_layers(blocks, layout: ModelLayout, config: QuantizeConfig) -> None:
@@ -557,6 +569,7 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
     blocks = layout.block_list(model)
     check_layers(blocks, layout, config)
     device = torch.device(device) if device else torch.device("cpu") if checkpoint else next(model.parameters()).device
+    config = resolve_run_options(config, device)
     # A model loaded from a directory must not be overwritten by its own artifact either.
     loaded_from = getattr(model, "name_or_path", None)
     source = source_dir or (Path(loaded_from) if loaded_from and Path(loaded_from).is_dir() else None)
@@ -608,4 +621,4 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
         model_config.pop("quantization_config", None)
         return writer.finish(model_config=model_config,
                              quantization_config=quantization_config_for(model, config, calibration),
-                             report=_report(config, layout, rows), copy_from=source_dir)
+                             report=_report(config, layout, rows, device), copy_from=source_dir)

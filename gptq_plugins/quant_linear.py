@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from gptq_plugins.config import QuantizeConfig
-from gptq_plugins.kernels import BackendUnsupported, builtin_kernel_backends, rank_backends
+from gptq_plugins.config import ConfigError, QuantizeConfig
+from gptq_plugins.kernels import (AUTO, BackendUnsupported, announce, builtin_kernel_backends, rank_backends,
+                                 requested_backend)
 from gptq_plugins.packing import dequantize_packed, pack_quantized
 
 
@@ -24,6 +25,21 @@ def kernel_backends() -> list:
     # pluggy lists later-registered plugins first, so they win priority ties.
     return [backend for provided in get_plugin_manager().hook.gptq_plugins_kernel_backends()
             for backend in provided]
+
+
+def check_backend(name: str | None) -> None:
+    """Raise `ConfigError` unless `name` is None, `auto` or the name of an installed backend."""
+    names = [backend.name for backend in kernel_backends()]
+    if name is not None and name != AUTO and name not in names:
+        raise ConfigError("backend", f"expected {AUTO!r} or one of {names}, got {name!r}")
+
+
+def planned_backend(device_type: str, bits: int, group_size: int, desc_act: bool, dtype: torch.dtype,
+                    backend: str | None = None):
+    """The backend `post_init` would try first for such a layer (a shape it declines falls further)."""
+    forced = requested_backend(backend)
+    check_backend(forced)
+    return rank_backends(kernel_backends(), device_type, bits, group_size, desc_act, dtype, requested=forced)[0]
 
 
 def _forget_kernel_after_load(module: "QuantLinear", incompatible_keys) -> None:
@@ -49,7 +65,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.backend = None
         self.kernel_state = None
-        self.requested_backend = None  # name forced through post_init, kept across re-prepares
+        self.requested_backend = None  # name given to post_init, kept across re-prepares
         self._prepared_for = None  # identity of the buffers the kernel state was built from
         self.register_load_state_dict_post_hook(_forget_kernel_after_load)
 
@@ -82,14 +98,16 @@ class QuantLinear(torch.nn.Module):
     def post_init(self, backend: str | None = None) -> None:
         """Choose the kernel backend for the buffers' device and prepare it, once.
 
-        `backend` forces one by name (remembered). `forward` calls this itself when the layer was
-        never prepared, or was moved or reloaded since.
+        `backend` forces one by name (remembered; `auto`, the default, chooses; see
+        `gptq_plugins.kernels.base`). `forward` calls this itself when the layer was never
+        prepared, or was moved or reloaded since.
         """
+        forced = requested_backend(backend or self.requested_backend)
+        check_backend(forced)
         self.requested_backend = backend or self.requested_backend
-        candidates = [b for b in kernel_backends()
-                      if self.requested_backend in (None, b.name)]
-        ranked = rank_backends(candidates, self.qweight.device.type, self.bits, self.group_size,
-                               self.desc_act, self.dtype)
+        device_type = self.qweight.device.type
+        ranked = rank_backends(kernel_backends(), device_type, self.bits, self.group_size, self.desc_act,
+                               self.dtype, requested=forced)
         declined = []
         for candidate in ranked:
             try:
@@ -99,6 +117,7 @@ class QuantLinear(torch.nn.Module):
                 continue
             self.backend, self.kernel_state = candidate, state
             self._prepared_for = self._buffers_identity()
+            announce(candidate, device_type, self.bits, self.dtype, forced is not None)
             return
         raise ValueError(f"no kernel backend could prepare this layer: {declined}")
 

@@ -168,6 +168,27 @@ def test_loaded_artifact_matches_dequantized_reference(artifacts, model_dir, pro
     assert greedy_tokens(model, prompt_ids, NEW_TOKENS) == greedy_tokens(reference, prompt_ids, NEW_TOKENS)
 
 
+def test_backend_option_chooses_the_kernel_and_is_never_saved(artifacts, model_dir, prompt_ids, tmp_path):
+    """`backend=` reaches every layer of a loaded artifact: `dense` computes float32 exactly."""
+    from gptq_plugins.cpu_features import native_bfloat16
+
+    path = artifacts[4, False]
+    expected = logits(dequantized_reference(model_dir, path), prompt_ids)
+    exact = AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQPluginsConfig(backend="dense"))
+    assert {layer.backend.name for layer in quant_linears(exact).values()} == {"dense"}
+    assert_close_logits(logits(exact, prompt_ids), expected, rtol=1e-5)
+    default = AutoModelForCausalLM.from_pretrained(path)
+    # float32 layers take the bfloat16 int4 kernel only where bfloat16 is native (see gptq-plugins doctor).
+    chosen = {layer.backend.name for layer in quant_linears(default).values()}
+    assert chosen == ({"cpu_int4"} if native_bfloat16("cpu") else {"dense"})
+    forced = AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQPluginsConfig(backend="cpu_int4"))
+    assert {layer.backend.name for layer in quant_linears(forced).values()} == {"cpu_int4"}
+    forced.save_pretrained(tmp_path / "saved")
+    assert "backend" not in json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+    with pytest.raises(ConfigError, match=r"backend: expected 'auto' or one of \[.*'dense'\], got 'fastest'"):
+        GPTQPluginsConfig(backend="fastest")
+
+
 def test_loading_needs_no_layout_for_the_family(artifacts, model_dir, prompt_ids, monkeypatch):
     """A converted stock GPTQ checkpoint may be of a family we cannot quantize: it still loads."""
     import gptq_plugins.plugins

@@ -70,7 +70,8 @@ def test_forward_matches_reference(bits, act_order):
     (4, 24, 128, "dense"),  # the int4 op declines 24 outputs: next candidate
     (4, 64, 16, "dense"),   # no int4 sub-group size divides 16
 ])
-def test_post_init_picks_expected_backend(bits, out_features, group_size, expected):
+def test_post_init_picks_expected_backend(bits, out_features, group_size, expected, monkeypatch):
+    monkeypatch.setattr("gptq_plugins.kernels.base.native_bfloat16", lambda device: True)
     qw = random_quantized(out_features, 256, bits, group_size, act_order=False)
     layer = QuantLinear.from_quantized(qw, dtype=torch.float32)
     layer.post_init()
@@ -78,8 +79,16 @@ def test_post_init_picks_expected_backend(bits, out_features, group_size, expect
     assert f"backend={expected}" in repr(layer)
 
 
-def test_select_backend_by_device_and_dtype():
-    assert isinstance(select_backend(BUILTIN_BACKENDS, "cpu", 4, 128, True, torch.float16), CpuInt4Backend)
+@pytest.mark.parametrize("native", [True, False], ids=["native-bfloat16", "avx2"])
+def test_select_backend_by_device_dtype_and_isa(native, monkeypatch):
+    monkeypatch.setattr("gptq_plugins.kernels.base.native_bfloat16", lambda device: native)
+    # The int4 op rounds activations to bfloat16: chosen for float16/32 only where bfloat16 is native.
+    expected = CpuInt4Backend if native else DenseBackend
+    assert isinstance(select_backend(BUILTIN_BACKENDS, "cpu", 4, 128, True, torch.float16), expected)
+    assert isinstance(select_backend(BUILTIN_BACKENDS, "cpu", 4, 128, False, torch.float32), expected)
+    assert isinstance(select_backend(BUILTIN_BACKENDS, "cpu", 4, 128, False, torch.bfloat16), CpuInt4Backend)
+    assert isinstance(select_backend(BUILTIN_BACKENDS, "cpu", 4, 128, False, torch.float32, requested="cpu_int4"),
+                      CpuInt4Backend)
     assert isinstance(select_backend(BUILTIN_BACKENDS, "cpu", 8, 128, False, torch.float16), DenseBackend)
     assert isinstance(select_backend(BUILTIN_BACKENDS, "cuda", 4, 128, True, torch.float32), DenseBackend)
     if TritonBackend().supports("cuda", 4, 128, True, torch.float16):  # triton installed
@@ -99,7 +108,8 @@ def test_forced_backend_sticks_and_replaced_buffers_reprepare():
     assert layer.backend.name == "dense"
 
 
-def test_prefill_cache_backend_only_when_forced():
+def test_prefill_cache_backend_only_when_forced(monkeypatch):
+    monkeypatch.setattr("gptq_plugins.kernels.base.native_bfloat16", lambda device: True)
     qw = random_quantized(64, 256, 4, 128, act_order=True)
     layer = QuantLinear.from_quantized(qw, dtype=torch.float32)
     layer.post_init()

@@ -3,7 +3,8 @@ hook. Built in, best first: Triton on CUDA, PyTorch's int4 kernel for 4-bit on C
 when forced by name, the same with a bfloat16 prefill cache), and the dense reference
 (dequantize once, matmul) that runs everything."""
 
-from gptq_plugins.kernels.base import BackendUnsupported, KernelBackend, rank_backends, select_backend
+from gptq_plugins.kernels.base import (AUTO, BACKEND_ENV, BackendUnsupported, KernelBackend, activation_dtype, announce,
+                                       rank_backends, requested_backend, select_backend)
 from gptq_plugins.kernels.cpu_int4 import CpuInt4Backend, CpuInt4PrefillCacheBackend
 from gptq_plugins.kernels.dense import DenseBackend
 from gptq_plugins.kernels.triton_backend import TritonBackend
@@ -16,6 +17,7 @@ def builtin_kernel_backends() -> list[KernelBackend]:
     return list(BUILTIN_BACKENDS)
 
 
-__all__ = ["BUILTIN_BACKENDS", "BackendUnsupported", "CpuInt4Backend", "CpuInt4PrefillCacheBackend",
+__all__ = ["AUTO", "BACKEND_ENV", "BUILTIN_BACKENDS", "BackendUnsupported", "activation_dtype", "announce",
+           "requested_backend", "CpuInt4Backend", "CpuInt4PrefillCacheBackend",
            "DenseBackend", "KernelBackend", "TritonBackend", "builtin_kernel_backends", "rank_backends",
            "select_backend"]

@@ -82,6 +82,9 @@ class CpuInt4Backend:
     name = "cpu_int4"
     priority = 50
 
+    def activation_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16  # the op's only fast activation dtype, on AVX2 and AVX-512 alike
+
     def supports(self, device_type, bits, group_size, desc_act, dtype) -> bool:
         return (device_type == "cpu" and bits == 4 and dtype.is_floating_point
                 and (group_size == -1 or group_size % min(OP_GROUP_SIZES) == 0)

@@ -13,6 +13,8 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from gptq_plugins.config import CALIBRATION_META_KEYS, QUANT_METHOD, ConfigError, QuantizeConfig
+from gptq_plugins.kernels import AUTO
+from gptq_plugins.quant_linear import check_backend
 
 SOURCE = "GPTQPluginsConfig"
 # Keys stock GPTQ writers put in `quantization_config` that share a name with one of our options.
@@ -27,10 +29,15 @@ class GPTQPluginsConfig(QuantizationConfigMixin):
     and every key of a written `quantization_config` block, so `GPTQPluginsConfig(**c.to_dict())`
     rebuilds `c`. Options read and write through to the held `QuantizeConfig` (`c.bits = 3`
     validates like the constructor).
+
+    `backend` is a loading attribute, never saved: the kernel backend of every quantized Linear
+    (`auto`, the default, or a name such as `dense` or `cpu_int4`; see `gptq-plugins doctor`).
+    Pass it with `from_pretrained(artifact, quantization_config=GPTQPluginsConfig(backend="dense"))`.
     """
 
     def __init__(self, *, quant_method: str = QUANT_METHOD, format: str = QUANT_METHOD,
-                 meta: dict | None = None, modules_not_to_convert: list[str] | None = None, **options):
+                 meta: dict | None = None, modules_not_to_convert: list[str] | None = None,
+                 backend: str = AUTO, **options):
         if quant_method != QUANT_METHOD:
             raise ConfigError(f"{SOURCE}.quant_method", f"expected {QUANT_METHOD!r}, got {quant_method!r} "
                               "(convert a stock GPTQ checkpoint with `gptq-plugins convert IN OUT`)")
@@ -42,6 +49,8 @@ class GPTQPluginsConfig(QuantizationConfigMixin):
                        **{key: options.pop(key) for key in CALIBRATION_META_KEYS if key in options}}
         block = {**options, "quant_method": QUANT_METHOD, "meta": {"calibration": calibration}}
         self.quant_method = QUANT_METHOD
+        check_backend(backend)
+        self.backend = backend
         self.quantize_config = QuantizeConfig.from_quantization_config(block, source=SOURCE, strict=True)
         self.modules_not_to_convert = list(modules_not_to_convert) if modules_not_to_convert else None
         # Provenance written by the quantizer (version, token count); calibration is rebuilt from
@@ -57,6 +66,10 @@ class GPTQPluginsConfig(QuantizationConfigMixin):
         """
         block = {key: value for key, value in config_dict.items() if key not in FOREIGN_KEYS_NAMED_LIKE_OPTIONS}
         return super().from_dict(block, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """What a config passed to `from_pretrained` of an artifact overrides (Transformers' protocol)."""
+        return {"backend": self.backend}
 
     def to_dict(self) -> dict[str, Any]:
         """The `quantization_config` block of `config.json`, exactly as the core writes it."""

@@ -110,7 +110,7 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             for _name, module in _quant_linears(model):
-                module.post_init()
+                module.post_init(backend=self.quantization_config.backend)
         else:
             self._quantize(model)
         return model
@@ -118,22 +118,24 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
     def _quantize(self, model) -> None:
         """Run the core pipeline on the loaded float model and swap in the quantized Linears."""
         from gptq_plugins.pipeline import (calibration_for, load_tokenizer, quantization_config_for,
-                                           quantize_modules)
+                                           quantize_modules, resolve_run_options)
         from gptq_plugins.quant_linear import QuantLinear
 
-        config = self.quantization_config.quantize_config
+        config = resolve_run_options(self.quantization_config.quantize_config, model.device)
         calibration = calibration_for(model, config, load_tokenizer(model.name_or_path))
         results, report = quantize_modules(model, config, calibration)
         for path, result in results.items():
             linear = model.get_submodule(path)
             quant = QuantLinear.from_quantized(result, bias=linear.bias, dtype=linear.weight.dtype)
-            quant.post_init()
+            quant.post_init(backend=self.quantization_config.backend)
             self._replace_float_layer(model, path, quant)
         summary = report["summary"]
         log.info("quantized %d layers on load, mean relative error %.5f (round-to-nearest %.5f)",
                  summary["layers"], summary["mean_relative_error"], summary["mean_rtn_relative_error"])
         # What save_pretrained writes: the same block as `gptq-plugins quantize`.
+        backend = self.quantization_config.backend
         self.quantization_config = GPTQPluginsConfig.from_dict(quantization_config_for(model, config, calibration))
+        self.quantization_config.backend = backend
         model.config.quantization_config = self.quantization_config
 
     def _dequantize(self, model, dtype=None):
@@ -164,3 +166,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(GPTQPluginsConfig)
     if QUANT_METHOD not in auto.AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(GPTQPluginsHfQuantizer)
+    # So that `backend` given to `from_pretrained` reaches the loaded artifact's config.
+    if GPTQPluginsConfig not in auto.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto.LOADING_ATTRIBUTES_CONFIG_TYPES, GPTQPluginsConfig)
