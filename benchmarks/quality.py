@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from gptq_plugins.calibration import CalibrationSet
+
 from reference_model import RECIPE, RECIPE_FILE, ensure_reference_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -84,14 +86,14 @@ class Bench:
         self.float_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.seq_len = RECIPE["context_length"]
         self.heldout = heldout_tokens("builtin", self.tokenizer, eval_tokens)
-        self.calibrations: dict[tuple[int, int], torch.Tensor] = {}
+        self.calibrations: dict[tuple[int, int], CalibrationSet] = {}
 
     def config(self, options: dict):
         from gptq_plugins.config import QuantizeConfig
 
         return QuantizeConfig(seq_len=self.seq_len, **options)
 
-    def calibration(self, config) -> torch.Tensor:
+    def calibration(self, config) -> "CalibrationSet":
         from gptq_plugins.calibration import load_calibration
 
         key = config.num_samples, config.seed

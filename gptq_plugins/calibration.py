@@ -8,6 +8,7 @@ for evaluation and never used for calibration.
 from __future__ import annotations
 
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,12 +16,36 @@ import torch
 from gptq_plugins.config import ConfigError, QuantizeConfig
 
 BUILTIN = "builtin"
+# What `meta.calibration.dataset` says of token ids a caller passed in (no dataset, no seed).
+GIVEN_TOKEN_IDS = "token_ids"
 HELD_OUT_EVERY = 10
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 class CalibrationError(ValueError):
     """Calibration data is missing, unreadable or too short."""
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Calibration token ids and what they were drawn from, so the artifact records what was used."""
+
+    token_ids: torch.Tensor  # LongTensor [num_samples, seq_len]
+    dataset: str             # 'builtin', a file path, or GIVEN_TOKEN_IDS
+    seed: int | None         # the window draw's seed; None for given ids
+
+    @classmethod
+    def of(cls, calibration: "CalibrationSet | torch.Tensor") -> "CalibrationSet":
+        """`calibration` itself, or token ids a caller passed in, described as such."""
+        if isinstance(calibration, CalibrationSet):
+            return calibration
+        return cls(calibration, GIVEN_TOKEN_IDS, None)
+
+    def meta(self) -> dict:
+        """The `meta.calibration` entries this set decides: source, seed and the actual window shape."""
+        rows, columns = self.token_ids.shape
+        described = {"dataset": self.dataset, "num_samples": int(rows), "seq_len": int(columns)}
+        return described if self.seed is None else {**described, "seed": self.seed}
 
 
 def builtin_documents(split: str = "calibration") -> list[str]:
@@ -115,7 +140,7 @@ def file_calibration(path: str, config: QuantizeConfig, tokenizer, seq_len: int)
     return windows(stream, config.num_samples, seq_len, config.seed, path)
 
 
-def load_calibration(config: QuantizeConfig, tokenizer, seq_len: int | None = None) -> torch.Tensor:
+def load_calibration(config: QuantizeConfig, tokenizer, seq_len: int | None = None) -> CalibrationSet:
     """Calibration token ids `[num_samples, seq_len]` from the source the config names.
 
     Sources are a hook (`gptq_plugins_calibration_source`), so plugins can add their own.
@@ -127,4 +152,4 @@ def load_calibration(config: QuantizeConfig, tokenizer, seq_len: int | None = No
         name=config.dataset, config=config, tokenizer=tokenizer, seq_len=seq_len)
     if ids is None:
         raise ConfigError("dataset", f"no calibration source named {config.dataset!r}")
-    return ids
+    return CalibrationSet(ids, config.dataset, config.seed)

@@ -170,7 +170,7 @@ def _print_machine() -> None:
     print(f"cpu: {cpu.model} ({cpu.kind}; PyTorch kernels {cpu.torch_capability})")
     print(f"  flags: {' '.join(cpu.flags) or '(none of the relevant ones)'}")
     print(f"  bfloat16 in hardware: {'yes' if cpu.native_bfloat16 else 'no'}; --hessian-dtype auto uses "
-          f"{resolve_hessian_dtype('auto', 'cpu')} here")
+          f"{resolve_hessian_dtype('auto', 'cpu')} here (the default is float32)")
     forced = requested_backend(None)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"kernels (group 128, no act-order, backend {forced or 'auto'}{f' from {BACKEND_ENV}' if forced else ''}):")

@@ -89,12 +89,13 @@ class QuantizeConfig:
     seq_len: int = _option(2048, "tokens per calibration sequence (capped at the model's "
                            "context length)", artifact=False)
     seed: int = _option(0, "seed for drawing calibration windows", artifact=False)
-    hessian_dtype: str = _option("auto", "precision of the X^T X products (float32 accumulation "
-                                 "either way): bfloat16 halves Hessian time where bfloat16 GEMMs "
-                                 "are native (AVX512-BF16/AMX CPUs, GPUs) at <1%% extra error in "
-                                 "benchmarks/solver.py, and is slow where they are emulated (AVX2); "
-                                 "auto takes bfloat16 exactly where it is native, and the artifact "
-                                 "records which one ran", choices=HESSIAN_DTYPES, artifact=False)
+    hessian_dtype: str = _option("float32", "precision of the X^T X products: bfloat16 rounds the "
+                                 "inputs and each batch's product (float32 running sum) and is about 3x "
+                                 "faster where bfloat16 GEMMs are native (AVX512-BF16/AMX CPUs, GPUs), "
+                                 "slow where they are emulated (AVX2); the rounded products can make a "
+                                 "near-singular Hessian indefinite (damping is then raised). auto takes "
+                                 "bfloat16 exactly where it is native; the artifact records which ran",
+                                 choices=HESSIAN_DTYPES, artifact=False)
 
     def __post_init__(self):
         self._check_type("bits", int)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from gptq_plugins.cpu_features import native_bfloat16
+
+log = logging.getLogger("gptq_plugins")
 
 # H is symmetric: each `add` computes only the row strips on and right of the diagonal, which
 # costs (k+1)/2k of a full product for k strips (53% for 4096 inputs) at one GEMM per strip.
@@ -99,7 +103,12 @@ class AsymmetryAccumulator:
 
 def resolve_hessian_dtype(name: str, device: torch.device | str) -> str:
     """`QuantizeConfig.hessian_dtype` made concrete for `device`: `auto` is bfloat16 exactly where
-    bfloat16 GEMMs are native there, float32 elsewhere."""
+    bfloat16 GEMMs are native there, float32 elsewhere. Asking for bfloat16 where it is emulated is
+    kept (results stay reproducible) but warned about: it is slower than float32 there."""
+    native = native_bfloat16(device)
+    if name == "bfloat16" and not native:
+        log.warning("hessian_dtype bfloat16 on %s without native bfloat16 GEMMs: slower than float32 here "
+                    "(use auto or float32)", device)
     if name != "auto":
         return name
-    return "bfloat16" if native_bfloat16(device) else "float32"
+    return "bfloat16" if native else "float32"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gptq_plugins.calibration import CalibrationError
+from gptq_plugins.calibration import CalibrationError, CalibrationSet
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.hessian import AsymmetryAccumulator, HessianAccumulator, resolve_hessian_dtype
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
@@ -419,7 +419,7 @@ def resolve_run_options(config: QuantizeConfig, device: torch.device | str) -> Q
     return config.replace(hessian_dtype=resolve_hessian_dtype(config.hessian_dtype, device))
 
 
-def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration: torch.Tensor, *,
+def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration: CalibrationSet | torch.Tensor, *,
                      layout: ModelLayout | None = None, device: str | torch.device | None = None,
                      progress: bool = True, on_block_done=None) -> tuple[dict[str, QuantizedWeight], dict]:
     """Quantize every Linear the layout names of an in-memory model, in place.
@@ -444,7 +444,8 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
         if on_block_done is not None:
             on_block_done(index, block_results)
 
-    run_blocks(model, LoadedBlocks(blocks, device), layout, config, calibration, ActivationStore(None, device=device),
+    run_blocks(model, LoadedBlocks(blocks, device), layout, config, CalibrationSet.of(calibration).token_ids,
+               ActivationStore(None, device=device),
                device=device, progress=progress, on_block_done=done)
     return results, _report(config, layout, rows, device)
 
@@ -510,8 +511,8 @@ def context_length(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def calibration_for(model, config: QuantizeConfig, tokenizer) -> torch.Tensor:
-    """The calibration token ids `config` names, windows capped at the model's context length."""
+def calibration_for(model, config: QuantizeConfig, tokenizer) -> CalibrationSet:
+    """The calibration windows `config` names, capped at the model's context length."""
     from gptq_plugins.calibration import load_calibration
 
     seq_len = config.seq_len
@@ -522,11 +523,20 @@ def calibration_for(model, config: QuantizeConfig, tokenizer) -> torch.Tensor:
     return load_calibration(config, tokenizer, seq_len)
 
 
-def quantization_config_for(model, config: QuantizeConfig, calibration: torch.Tensor) -> dict:
-    """The `quantization_config` block of the artifact of `model` quantized on `calibration`."""
-    return config.to_quantization_config(
+def quantization_config_for(model, config: QuantizeConfig, calibration: CalibrationSet | torch.Tensor) -> dict:
+    """The `quantization_config` block of the artifact of `model` quantized on `calibration`.
+
+    `meta.calibration` says what was used: the windows' actual shape (capped at the context
+    length) and source, not merely what the options asked for.
+    """
+    calibration = CalibrationSet.of(calibration)
+    block = config.to_quantization_config(
         modules_not_to_convert=list(layout_for(model).keep_float),
-        extra_meta={"calibration_tokens": int(calibration.numel())})
+        extra_meta={"calibration_tokens": int(calibration.token_ids.numel())})
+    recorded = block["meta"]["calibration"]
+    recorded.pop("seed")
+    recorded.update(calibration.meta())
+    return block
 
 
 def quantized_paths(layout: ModelLayout, blocks: torch.nn.ModuleList) -> set[str]:
@@ -536,7 +546,7 @@ def quantized_paths(layout: ModelLayout, blocks: torch.nn.ModuleList) -> set[str
 
 
 def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeConfig,
-                   calibration: torch.Tensor | None = None, *, device: str | None = None,
+                   calibration: CalibrationSet | torch.Tensor | None = None, *, device: str | None = None,
                    trust_remote_code: bool = False, overwrite: bool = False, progress: bool = True,
                    streaming: bool = True, offload_activations: bool = False, resume: bool = False) -> Path:
     """Quantize a model (a local directory or a loaded Transformers model) into an artifact at `out_dir`.
@@ -545,8 +555,9 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
     from the source safetensors. With `offload_activations` the hidden states between blocks live
     in a scratch file instead of memory. After every block the progress is checkpointed inside
     the partial output, so a killed run continues with `resume=True` and gives the same bytes.
-    `calibration` is a LongTensor of token ids `[num_samples, seq_len]`; when None it is drawn
-    from `config.dataset` with the model's tokenizer.
+    `calibration` is a LongTensor of token ids `[num_samples, seq_len]` (recorded in the artifact
+    as `dataset: token_ids`) or a `CalibrationSet`; when None it is drawn from `config.dataset`
+    with the model's tokenizer.
     """
     from gptq_plugins.artifact import ArtifactWriter
     from gptq_plugins.streaming import ActivationStore, SourceCheckpoint, empty_model, materialize
@@ -578,13 +589,16 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
         if state is not None:
             if state["config"] != config.to_dict():
                 raise ConfigError("resume", f"the interrupted run used other options: {state['config']}")
-            calibration = torch.from_numpy(np.load(writer.scratch / "calibration.npy", allow_pickle=False))
+            ids = torch.from_numpy(np.load(writer.scratch / "calibration.npy", allow_pickle=False))
+            calibration = CalibrationSet(ids, **state["calibration"])
         elif calibration is None:
             calibration = calibration_for(model, config, tokenizer)
         else:
             from gptq_plugins.validate import degenerate_calibration
 
-            problem = degenerate_calibration(calibration, getattr(model.config, "pad_token_id", None), "calibration")
+            calibration = CalibrationSet.of(calibration)
+            problem = degenerate_calibration(calibration.token_ids, getattr(model.config, "pad_token_id", None),
+                                             "calibration")
             if problem:
                 raise CalibrationError(problem)
         rows: list[dict] = state["rows"] if state else []
@@ -598,16 +612,17 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
             source = LoadedBlocks(blocks, device)
         if state is None:
             writer.scratch.mkdir(exist_ok=True)
-            np.save(writer.scratch / "calibration.npy", calibration.numpy(), allow_pickle=False)
+            np.save(writer.scratch / "calibration.npy", calibration.token_ids.numpy(), allow_pickle=False)
 
         def checkpoint_block(index, block_results, block_rows, next_hidden):
             for path, result in block_results.items():
                 writer.add(packed_tensors(layout.checkpoint_name(path), result, model.get_submodule(path).bias))
             rows.extend(block_rows)
             store.persist(index + 1, next_hidden)
-            writer.checkpoint({"config": config.to_dict(), "next_block": index + 1, "rows": rows})
+            writer.checkpoint({"config": config.to_dict(), "next_block": index + 1, "rows": rows,
+                               "calibration": {"dataset": calibration.dataset, "seed": calibration.seed}})
 
-        run_blocks(model, source, layout, config, calibration, store, device=device,
+        run_blocks(model, source, layout, config, calibration.token_ids, store, device=device,
                    start=state["next_block"] if state else 0, progress=progress, on_block_done=checkpoint_block)
         quantized = quantized_paths(layout, blocks)
         if checkpoint is not None:

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from gptq_plugins.artifact import ArtifactError, output_problem, read_model_config
+from gptq_plugins.calibration import CalibrationSet
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
 from gptq_plugins.linear_weights import features
@@ -52,7 +53,7 @@ class CheckedInputs:
     model_dir: Path
     out_dir: Path
     layout: ModelLayout
-    calibration: torch.Tensor  # token ids [num_samples, seq_len]
+    calibration: CalibrationSet  # the windows drawn, and from what
 
 
 def check_quantize_inputs(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: QuantizeConfig, *,
@@ -223,19 +224,20 @@ def _count_non_finite(f, name: str, shape: list[int]) -> int:
 
 
 def _calibration(model_dir: Path, reference: torch.nn.Module, config: QuantizeConfig, trust_remote_code: bool):
-    """(token ids, problems): the calibration windows the run will use, drawn now."""
+    """(CalibrationSet, problems): the calibration windows the run will use, drawn now."""
     from gptq_plugins.calibration import CalibrationError
     from gptq_plugins.pipeline import calibration_for, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     try:
-        ids = calibration_for(reference, config, tokenizer)
+        calibration = calibration_for(reference, config, tokenizer)
     except CalibrationError as err:
         return None, [f"dataset {config.dataset!r}: {err}"]
     except ConfigError as err:
         return None, [str(err)]
-    problem = degenerate_calibration(ids, getattr(reference.config, "pad_token_id", None), config.dataset)
-    return ids, [problem] if problem else []
+    problem = degenerate_calibration(calibration.token_ids, getattr(reference.config, "pad_token_id", None),
+                                     config.dataset)
+    return calibration, [problem] if problem else []
 
 
 def degenerate_calibration(ids: torch.Tensor, pad_token_id: int | None, source: str) -> str | None:

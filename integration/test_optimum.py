@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from gptq_plugins.artifact import read_artifact
-from gptq_plugins.hessian import resolve_hessian_dtype
 from gptq_plugins.testing import build_tiny_model
 
 OPTIMUM_CLI = shutil.which("optimum-cli", path=str(Path(sys.executable).parent))
@@ -90,10 +89,9 @@ def test_export_writes_the_same_artifact_as_gptq_plugins_quantize(both_artifacts
     # The options reached the job (not two runs that both fell back to defaults).
     assert (optimum_qc["quant_method"], optimum_qc["bits"], optimum_qc["group_size"], optimum_qc["desc_act"],
             optimum_qc["sym"], optimum_qc["damp_percent"]) == ("gptq", 4, 64, True, False, 0.02)
-    # hessian_dtype auto is recorded as what ran: bfloat16 where it is native (see gptq-plugins doctor).
     assert optimum_qc["meta"]["calibration"] == {"dataset": "builtin", "num_samples": 8, "seq_len": 64, "seed": 3,
-                                                 "hessian_dtype": resolve_hessian_dtype("auto", "cpu"),
-                                                 "act_group_aware": False, "gptaq": False}
+                                                 "hessian_dtype": "float32", "act_group_aware": False,
+                                                 "gptaq": False}
     optimum_tensors, cli_tensors = optimum_artifact.state_dict(), cli_artifact.state_dict()
     assert sorted(optimum_tensors) == sorted(cli_tensors)
     assert len(optimum_artifact.modules) == 14

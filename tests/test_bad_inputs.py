@@ -327,7 +327,7 @@ def test_valid_inputs_pass_and_leave_nothing_behind(pristine_model, tmp_path):
     out = tmp_path / "out"
     checked = check_quantize_inputs(pristine_model, out, QuantizeConfig(**OPTIONS))
     assert checked.layout.name == "llama" and checked.out_dir == out.resolve()
-    assert checked.calibration.shape == (2, 32) and checked.calibration.unique().numel() > 1
+    assert checked.calibration.token_ids.shape == (2, 32) and checked.calibration.token_ids.unique().numel() > 1
     assert list(tmp_path.iterdir()) == []  # the writability probe is gone too
 
 

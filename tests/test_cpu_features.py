@@ -94,7 +94,7 @@ def test_doctor_says_which_path_each_bit_width_takes_on_both_kinds():
 def test_a_run_records_the_hessian_dtype_and_the_machine_it_ran_on(tmp_path):
     model = build_tiny_model(tmp_path / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                              num_attention_heads=2, num_key_value_heads=1)
-    options = ["--group-size", "32", "--num-samples", "2", "--seq-len", "32"]
+    options = ["--group-size", "32", "--num-samples", "2", "--seq-len", "32", "--hessian-dtype", "auto"]
     for capability, out in ((None, tmp_path / "here"), ("avx2", tmp_path / "avx2")):
         stdout = _run(["quantize", str(model), str(out), *options], capability)
         config = json.loads((out / "config.json").read_text())["quantization_config"]

@@ -130,7 +130,7 @@ def test_base_model_checkpoint_quantizes_to_the_same_artifact(gpt2_dirs, gpt2_ar
 
 def test_base_model_checkpoint_passes_validation(gpt2_dirs, tmp_path):
     checked = check_quantize_inputs(gpt2_dirs[1], tmp_path / "out", CONFIG)
-    assert checked.layout.name == "gpt2" and checked.calibration.shape == (2, 16)
+    assert checked.layout.name == "gpt2" and checked.calibration.token_ids.shape == (2, 16)
 
 
 def test_old_mask_buffers_are_carried_under_model_names_and_ignored_on_load(gpt2_dirs, gpt2_artifact, tmp_path):
@@ -144,3 +144,24 @@ def test_old_mask_buffers_are_carried_under_model_names_and_ignored_on_load(gpt2
         "transformer.h.0.attn.bias", "transformer.h.0.attn.masked_bias"}
     prompts = [[5, 17, 42, 9]]
     assert greedy_tokens_transformers(artifact, prompts, 4) == greedy_tokens_transformers(gpt2_artifact, prompts, 4)
+
+
+def test_the_artifact_records_the_calibration_actually_used(tmp_path):
+    """Given token ids are recorded as such, with their shape; drawn windows by source, seed and the
+    length actually used (capped at the context length), not what the options asked for."""
+    import json
+
+    model = build_tiny_model(tmp_path / "model", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                             max_position_embeddings=48)
+    given = quantize_model(model, tmp_path / "given", CONFIG, calibration=torch.arange(96).view(3, 32) % 50,
+                           progress=False)
+    meta = json.loads((given / "config.json").read_text())["quantization_config"]["meta"]
+    assert meta["calibration"]["dataset"] == "token_ids" and "seed" not in meta["calibration"]
+    assert (meta["calibration"]["num_samples"], meta["calibration"]["seq_len"], meta["calibration_tokens"]) == (3, 32, 96)
+    drawn = quantize_model(model, tmp_path / "drawn", CONFIG.replace(seq_len=64, seed=5), progress=False)
+    calibration = json.loads((drawn / "config.json").read_text())["quantization_config"]["meta"]["calibration"]
+    assert (calibration["dataset"], calibration["seed"], calibration["num_samples"], calibration["seq_len"]) == \
+        ("builtin", 5, 2, 48)
+    read_back = QuantizeConfig.from_quantization_config(
+        json.loads((given / "config.json").read_text())["quantization_config"])
+    assert read_back.dataset == "token_ids" and read_back.num_samples == 3
