@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from gptq_plugins.foreign_keys import KNOWN_FOREIGN_KEYS, loading_problem
+
 log = logging.getLogger("gptq_plugins")
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -22,21 +24,8 @@ QUANT_METHOD = "gptq_plugins"
 # Our entry in `meta.quantizer`: it marks an artifact as ours (only ours may be replaced).
 WRITER_MARK = "gptq-plugins:"
 
-# Keys written into `quantization_config` that are not options (always accepted on read).
-_METADATA_KEYS = {"quant_method", "checkpoint_format", "meta", "modules_in_block_to_quantize",
-                  "modules_not_to_convert", "pack_dtype"}
-# Keys stock GPTQ writers put in `quantization_config` that carry no meaning for loading.
-_FOREIGN_IGNORABLE_KEYS = {"model_name_or_path", "model_file_base_name", "is_marlin_format",
-                           "quantizer", "lm_head", "damp_auto_increment", "mse", "v2",
-                           "v2_alpha", "act_group_aware", "hyb_act", "adapter",
-                           "rotation", "tokenizer", "dataset", "use_exllama", "exllama_config",
-                           "use_cuda_fp16", "max_input_length", "cache_block_outputs",
-                           "batch_size", "pad_token_id", "module_name_preceding_first_block",
-                           "block_name_to_quantize", "backend", "use_marlin", "sym_zero",
-                           "format", "pack_impl", "offload_to_disk", "offload_to_disk_path",
-                           "mock_quantization", "fail_safe", "hessian", "gptaq", "foem",
-                           "moe", "dynamic", "device", "process", "vram_strategy",
-                           "model_seqlen"}
+# Keys we write into `quantization_config` that are not options (always accepted on read).
+_METADATA_KEYS = {"quant_method", "checkpoint_format", "meta", "modules_not_to_convert"}
 
 
 class ConfigError(ValueError):
@@ -193,8 +182,10 @@ class QuantizeConfig:
                                  strict: bool = True) -> "QuantizeConfig":
         """Parse a `quantization_config` dict written by us or by a stock GPTQ writer.
 
-        Unknown keys raise `ConfigError` when `strict` (our own artifacts) and are logged as a
-        warning otherwise; keys known to be written by other GPTQ tools are accepted and ignored.
+        Keys of the common GPTQ writers (`foreign_keys`) are accepted; those that would change how
+        the tensors are read are checked, and refused where this project cannot read them. Other
+        unknown keys raise `ConfigError` when `strict` (our own artifacts) and are logged as a
+        warning otherwise.
         """
         if not isinstance(qc, dict):
             raise ConfigError(source, f"expected a JSON object, got {type(qc).__name__}")
@@ -202,12 +193,11 @@ class QuantizeConfig:
         if method not in (QUANT_METHOD, "gptq"):
             raise ConfigError(f"{source}.quant_method",
                               f"expected 'gptq_plugins' or 'gptq', got {method!r}")
-        fmt = qc.get("checkpoint_format", "gptq")
-        if fmt != "gptq":
-            raise ConfigError(f"{source}.checkpoint_format",
-                              f"only the GPTQ v1 layout 'gptq' is supported, got {fmt!r}")
+        problem = loading_problem(qc)
+        if problem:
+            raise ConfigError(f"{source}.{problem[0]}", problem[1])
         option_names = {f.name for f in fields(cls) if f.metadata["artifact"]}
-        unknown = sorted(set(qc) - option_names - _METADATA_KEYS - _FOREIGN_IGNORABLE_KEYS)
+        unknown = sorted(set(qc) - option_names - _METADATA_KEYS - KNOWN_FOREIGN_KEYS)
         if unknown and strict:
             raise ConfigError(source, f"unknown keys {unknown}; known: {sorted(option_names)}")
         if unknown:
@@ -230,6 +220,12 @@ class QuantizeConfig:
     def to_dict(self) -> dict[str, Any]:
         """All options as a flat JSON-clean dict (inverse of `QuantizeConfig(**d)`)."""
         return dataclasses.asdict(self)
+
+
+def foreign_entries(qc: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a `quantization_config` block that another writer put there (kept as they are)."""
+    ours = {f.name for f in fields(QuantizeConfig) if f.metadata["artifact"]} | _METADATA_KEYS
+    return {key: value for key, value in qc.items() if key not in ours}
 
 
 def option_fields():

@@ -325,6 +325,45 @@ def test_convert_takes_a_stock_transformers_gptq_checkpoint(artifacts, prompt_id
     assert_close_logits(logits(model, prompt_ids), expected, rtol=1e-6)
 
 
+def _writer_blocks() -> dict:
+    """`quantization_config` as each common GPTQ writer emits it for this artifact's options
+    (GPTQModel 7.x and AutoGPTQ 0.7 as their `to_dict` writes it; Transformers' from the real class)."""
+    options = {"bits": 4, "group_size": GROUP_SIZE, "desc_act": True, "sym": True}
+    return {
+        "GPTQModel": {**options, "lm_head": False, "method": "gptq", "quant_method": "gptq", "format": "gptq",
+                      "checkpoint_format": "gptq", "pack_dtype": "int32",
+                      "meta": {"quantizer": ["gptqmodel:7.7.0"], "uri": "https://github.com/modelcloud/gptqmodel",
+                               "damp_percent": 0.05, "damp_auto_increment": 0.01, "static_groups": False,
+                               "true_sequential": True, "mse": 0.0, "gptaq": None, "act_group_aware": False,
+                               "fallback": None, "offload_to_disk": True, "pack_impl": "cpu",
+                               "hessian": {"chunk_size": None, "chunk_bytes": None, "staging_dtype": "float32"}}},
+        "AutoGPTQ": {**options, "damp_percent": 0.01, "static_groups": False, "true_sequential": True,
+                     "model_name_or_path": None, "model_file_base_name": None, "is_marlin_format": False,
+                     "quant_method": "gptq", "checkpoint_format": "gptq"},
+        "Transformers": GPTQConfig(**options, dataset="c4").to_dict(),
+    }
+
+
+@pytest.mark.parametrize("writer", ["GPTQModel", "AutoGPTQ", "Transformers"])
+def test_every_common_writers_checkpoint_converts_loads_and_keeps_its_keys(writer, artifacts, prompt_ids,
+                                                                           tmp_path):
+    src = artifacts[4, True]
+    gptq_plugins_cli(["convert", str(src), str(tmp_path / "gptq")])
+    stock = _writer_blocks()[writer]
+    edited_copy(tmp_path / "gptq", tmp_path / "hub", lambda qc: (qc.clear(), qc.update(copy.deepcopy(stock))))
+    assert gptq_plugins_cli(["convert", str(tmp_path / "hub"), str(tmp_path / "ours")]) == 0
+    converted = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"]
+    kept = {key: value for key, value in stock.items() if key not in ("quant_method", "meta")}
+    assert {key: converted[key] for key in kept} == kept  # every key of the writer, as it was
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert len(quant_linears(model)) == 14
+    expected = logits(AutoModelForCausalLM.from_pretrained(src), prompt_ids)
+    assert_close_logits(logits(model, prompt_ids), expected, rtol=1e-6)
+    model.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]
+    assert {key: resaved[key] for key in kept} == kept
+
+
 def test_convert_refuses_corrupted_input_and_writes_nothing(artifacts, tmp_path, capsys):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(artifacts[2, False], corrupt)

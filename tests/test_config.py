@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from gptq_plugins.config import ConfigError, QuantizeConfig
+from gptq_plugins.foreign_keys import WRITER_KEYS
+from gptq_plugins.config import ConfigError, QuantizeConfig, foreign_entries
 
 
 def test_defaults_are_valid_and_documented():
@@ -85,3 +86,34 @@ def test_bad_values_in_a_file_name_the_key_path():
         QuantizeConfig.from_quantization_config({"quant_method": "awq", "bits": 4})
     with pytest.raises(ConfigError, match="checkpoint_format"):
         QuantizeConfig.from_quantization_config({"quant_method": "gptq", "checkpoint_format": "gptq_v2"})
+
+
+@pytest.mark.parametrize("key, value, culprit", [
+    ("checkpoint_format", "gptq_v2", r"checkpoint_format: only the GPTQ v1 layout 'gptq' is supported, got 'gptq_v2' "
+                                     r"\(GPTQ v2 stores zero points without the -1 offset"),
+    ("format", "marlin", r"format: only the GPTQ v1 layout 'gptq' is supported, got 'marlin'"),
+    ("is_marlin_format", True, r"is_marlin_format: Marlin-repacked tensors"),
+    ("method", "awq", r"method: expected 'gptq', got 'awq'"),
+    ("pack_dtype", "int16", r"pack_dtype: codes packed in 'int16' words; expected 'int32'"),
+    ("lm_head", True, r"lm_head: a quantized lm_head is not supported"),
+    ("dynamic", {r"+:.*down_proj": {"bits": 8}}, r"dynamic: per-module overrides"),
+    ("rotation", "hadamard", r"rotation: rotated weights \('hadamard'\)"),
+])
+def test_foreign_keys_that_change_the_tensors_are_refused_by_name(key, value, culprit):
+    block = {"quant_method": "gptq", "bits": 4, "group_size": 128, key: value}
+    for strict in (True, False):
+        with pytest.raises(ConfigError, match=culprit):
+            QuantizeConfig.from_quantization_config(block, strict=strict)
+
+
+@pytest.mark.parametrize("writer", sorted(WRITER_KEYS))
+def test_each_writers_keys_are_accepted_even_by_the_strict_reader(writer):
+    neutral = {"format": "gptq", "checkpoint_format": "gptq", "method": "gptq", "pack_dtype": "int32",
+               "lm_head": False, "dynamic": None, "rotation": None, "is_marlin_format": False}
+    block = {key: neutral.get(key, None) for key in WRITER_KEYS[writer]}
+    block.update(quant_method="gptq_plugins", bits=3, group_size=64, desc_act=True, sym=False, meta={})
+    config = QuantizeConfig.from_quantization_config(block, strict=True)
+    assert (config.bits, config.group_size, config.desc_act, config.sym) == (3, 64, True, False)
+    # Written back, the writer's keys plus ours hold every key of the block: nothing is lost.
+    rewritten = {**foreign_entries(block), **config.to_quantization_config()}
+    assert set(block) <= set(rewritten) and "bits" not in foreign_entries(block)

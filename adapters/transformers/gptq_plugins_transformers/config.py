@@ -12,13 +12,11 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from gptq_plugins.config import CALIBRATION_META_KEYS, QUANT_METHOD, ConfigError, QuantizeConfig
+from gptq_plugins.config import CALIBRATION_META_KEYS, QUANT_METHOD, ConfigError, QuantizeConfig, foreign_entries
 from gptq_plugins.kernels import AUTO
 from gptq_plugins.quant_linear import check_backend
 
 SOURCE = "GPTQPluginsConfig"
-# Keys stock GPTQ writers put in `quantization_config` that share a name with one of our options.
-FOREIGN_KEYS_NAMED_LIKE_OPTIONS = ("dataset", "format")
 
 
 class GPTQPluginsConfig(QuantizationConfigMixin):
@@ -26,9 +24,12 @@ class GPTQPluginsConfig(QuantizationConfigMixin):
 
     Keyword arguments are the `QuantizeConfig` options (`bits`, `group_size`, `sym`, `desc_act`,
     ..., and `dataset`, `num_samples`, `seq_len`, `seed`, `hessian_dtype` for a quantize-on-load)
-    and every key of a written `quantization_config` block, so `GPTQPluginsConfig(**c.to_dict())`
-    rebuilds `c`. Options read and write through to the held `QuantizeConfig` (`c.bits = 3`
+    and every key of a block we write, so `GPTQPluginsConfig(**c.to_dict())` rebuilds `c` (blocks
+    holding other writers' keys are read with `from_dict`). Options read and write through to the held `QuantizeConfig` (`c.bits = 3`
     validates like the constructor).
+
+    Keys other GPTQ writers left in a converted checkpoint's block (`foreign`, filled by
+    `from_dict`) are kept and written back as they were.
 
     `backend` is a loading attribute, never saved: the kernel backend of every quantized Linear
     (`auto`, the default, or a name such as `dense` or `cpu_int4`; see `gptq-plugins doctor`).
@@ -37,7 +38,7 @@ class GPTQPluginsConfig(QuantizationConfigMixin):
 
     def __init__(self, *, quant_method: str = QUANT_METHOD, format: str = QUANT_METHOD,
                  meta: dict | None = None, modules_not_to_convert: list[str] | None = None,
-                 backend: str = AUTO, **options):
+                 backend: str = AUTO, foreign: dict | None = None, **options):
         if quant_method != QUANT_METHOD:
             raise ConfigError(f"{SOURCE}.quant_method", f"expected {QUANT_METHOD!r}, got {quant_method!r} "
                               "(convert a stock GPTQ checkpoint with `gptq-plugins convert IN OUT`)")
@@ -56,25 +57,30 @@ class GPTQPluginsConfig(QuantizationConfigMixin):
         # Provenance written by the quantizer (version, token count); calibration is rebuilt from
         # the options on output so that it always says what the options say.
         self.meta = meta
+        self.foreign = dict(foreign or {})
 
     @classmethod
     def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
         """Read a `quantization_config` block the way the core reads an artifact's.
 
-        Calibration options live in `meta.calibration`; top-level `dataset` and `format` are keys
-        of other GPTQ writers (in checkpoints converted with `gptq-plugins convert`) and are ignored.
+        The core parses (and refuses what it cannot read); keys of other GPTQ writers, some named
+        like our options (`dataset`, `format`), are set apart as `foreign` and kept.
         """
-        block = {key: value for key, value in config_dict.items() if key not in FOREIGN_KEYS_NAMED_LIKE_OPTIONS}
-        return super().from_dict(block, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        QuantizeConfig.from_quantization_config(config_dict, source=SOURCE, strict=True)
+        foreign = foreign_entries(config_dict)
+        block = {key: value for key, value in config_dict.items() if key not in foreign}
+        return super().from_dict({**block, "foreign": foreign}, return_unused_kwargs=return_unused_kwargs,
+                                 **kwargs)
 
     def get_loading_attributes(self) -> dict[str, Any]:
         """What a config passed to `from_pretrained` of an artifact overrides (Transformers' protocol)."""
         return {"backend": self.backend}
 
     def to_dict(self) -> dict[str, Any]:
-        """The `quantization_config` block of `config.json`, exactly as the core writes it."""
-        return self.quantize_config.to_quantization_config(
+        """The `quantization_config` block of `config.json`: the core's, with other writers' keys kept."""
+        block = self.quantize_config.to_quantization_config(
             extra_meta=self.meta, modules_not_to_convert=self.modules_not_to_convert)
+        return {**self.foreign, **block}
 
     def __iter__(self):
         yield from self.to_dict().items()
