@@ -87,13 +87,20 @@ def greedy_tokens(model, prompt_ids: list[list[int]], n: int) -> list[list[int]]
     return continuations
 
 
-def greedy_tokens_transformers(artifact_dir: str | os.PathLike, prompt_ids: list[list[int]], n: int) -> list[list[int]]:
-    """`greedy_tokens` of an artifact loaded by Transformers `from_pretrained` in float32 on CPU."""
+def greedy_tokens_transformers(artifact_dir: str | os.PathLike, prompt_ids: list[list[int]], n: int,
+                               backend: str | None = None) -> list[list[int]]:
+    """`greedy_tokens` of an artifact loaded by Transformers `from_pretrained` in float32 on CPU
+    (with the kernel `backend` forced, when given)."""
     from transformers import AutoModelForCausalLM
 
     import gptq_plugins  # noqa: F401  (registers quant_method gptq_plugins with Transformers)
 
-    model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=torch.float32)
+    options = {}
+    if backend is not None:
+        from gptq_plugins_transformers import GPTQPluginsConfig
+
+        options["quantization_config"] = GPTQPluginsConfig(backend=backend)
+    model = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype=torch.float32, **options)
     return greedy_tokens(model, prompt_ids, n)
 
 

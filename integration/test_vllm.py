@@ -74,6 +74,8 @@ def run_engines(jobs: list[dict]) -> dict:
             results[label] = {"quantization": args.create_model_config().quantization}
             continue
         llm = None
+        if job.get("backend"):  # what a user sets for `vllm serve`; read when the layers are prepared
+            os.environ["GPTQ_PLUGINS_BACKEND"] = job["backend"]
         try:
             tp = job.get("tensor_parallel_size", 1)
             llm = LLM(model=job["model"], quantization=job["quantization"], dtype=job["dtype"],
@@ -89,6 +91,7 @@ def run_engines(jobs: list[dict]) -> dict:
         except Exception as err:  # noqa: BLE001  (the test asserts on the message)
             results[label] = {"error": f"{type(err).__name__}: {err}"}
         finally:
+            os.environ.pop("GPTQ_PLUGINS_BACKEND", None)
             del llm
             gc.collect()
     return results
@@ -190,6 +193,8 @@ def served(artifacts, prompt_ids, mismatched_artifact, fused_parts_disagree, tmp
              "dtype": "float32", "prompts": prompt_ids} for name in [*ARTIFACTS, STOCK_EXPORT]]
     jobs.append({"label": "compiled", "model": str(artifacts[TP_CASE]), "quantization": "gptq_plugins",
                  "dtype": "float32", "prompts": prompt_ids, "enforce_eager": False})
+    jobs.append({"label": "forced-dense", "model": str(artifacts["b4-sym"]), "quantization": "gptq_plugins",
+                 "dtype": "float32", "prompts": prompt_ids, "backend": "dense"})
     jobs.append({"label": "mismatched", "model": str(mismatched_artifact[0]), "quantization": None,
                  "dtype": "float32", "prompts": prompt_ids})
     jobs.append({"label": "fused-parts-disagree", "model": str(fused_parts_disagree), "quantization": None,
@@ -228,6 +233,16 @@ def quantlinear_kernels(artifact_dir: Path) -> list[str]:
         layer.post_init()
         names.add(layer.backend.name)
     return sorted(names)
+
+
+def test_backend_chosen_by_the_user_runs_every_layer(served, artifacts, prompt_ids):
+    """GPTQ_PLUGINS_BACKEND=dense: every layer exact in float32, the tokens of Transformers doing the same."""
+    from gptq_plugins.testing import greedy_tokens_transformers
+
+    result = served["forced-dense"]
+    assert "error" not in result, result
+    assert result["kernels"] == ["dense"]
+    assert result["tokens"] == greedy_tokens_transformers(artifacts["b4-sym"], prompt_ids, NEW_TOKENS, backend="dense")
 
 
 @pytest.mark.parametrize("name", list(ARTIFACTS))
