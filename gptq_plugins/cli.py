@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="perplexity of a model or artifact on held-out text")
     evaluate.add_argument("model", help="model or artifact directory")
     evaluate.add_argument("--dataset", default="builtin",
-                          help="builtin (the eval split calibration never sees) or a UTF-8 .txt path")
+                          help="builtin (the eval split calibration never sees) or a UTF-8 text file (.txt or no extension)")
     evaluate.add_argument("--seq-len", type=int, default=None,
                           help="tokens per window (default: the model's context length, at most 2048)")
     evaluate.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")

@@ -1,7 +1,7 @@
 """Perplexity on held-out text, for a float model or an artifact (`gptq-plugins eval`).
 
 Held-out text is the builtin corpus's eval split, which calibration never draws from, or a
-user's UTF-8 `.txt` file. The token stream is cut into non-overlapping windows of `seq_len`
+user's UTF-8 text file (`.txt` or no extension, such as Debian's /usr/share/common-licenses/*). The token stream is cut into non-overlapping windows of `seq_len`
 tokens; perplexity is `exp` of the mean next-token negative log-likelihood over every predicted
 token, the protocol of the GPTQ paper. Artifacts load through `AutoModelForCausalLM` and hence
 through the Transformers adapter, so the number measures what users of that adapter run.
@@ -21,19 +21,20 @@ import torch.nn.functional as F
 from gptq_plugins.config import ConfigError, QuantizeConfig
 
 DEFAULT_SEQ_LEN = 2048
+TEXT_SUFFIXES = (".txt", "")
 BATCH_TOKENS = 8192  # tokens per forward pass; bounds the float32 logits held at once
 
 
 def heldout_tokens(dataset: str, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
-    """The held-out token stream: `builtin` (the eval split) or a `.txt` file, cut at `max_tokens`."""
+    """The held-out token stream: `builtin` (the eval split) or a text file, cut at `max_tokens`."""
     from gptq_plugins.calibration import BUILTIN, builtin_documents, tokenize_documents
 
     if dataset == BUILTIN:
         documents = builtin_documents("eval")
     else:
         path = Path(dataset)
-        if path.suffix != ".txt":
-            raise ConfigError("dataset", f"{dataset}: expected 'builtin' or a UTF-8 .txt file")
+        if path.suffix not in TEXT_SUFFIXES:
+            raise ConfigError("dataset", f"{dataset}: expected 'builtin' or a UTF-8 text file (.txt or no extension)")
         if not path.is_file():
             raise ConfigError("dataset", f"{dataset}: no such file")
         try:

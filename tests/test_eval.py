@@ -93,7 +93,7 @@ def test_eval_rejects_a_dataset_that_is_not_text(uniform_model_dir, tmp_path, ca
     table = tmp_path / "heldout.csv"
     table.write_text("a,b\n1,2\n")
     assert main(["eval", str(uniform_model_dir), "--dataset", str(table)]) == 2
-    assert f"dataset: {table}: expected 'builtin' or a UTF-8 .txt file" in capsys.readouterr().err
+    assert f"dataset: {table}: expected 'builtin' or a UTF-8 text file (.txt or no extension)" in capsys.readouterr().err
 
 
 def test_perplexity_rejects_text_shorter_than_one_window(tmp_path):
