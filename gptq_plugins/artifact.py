@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gptq_plugins.config import WRITER_MARK, ConfigError, QuantizeConfig
+from gptq_plugins.packing import check_group_indices
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -436,10 +437,10 @@ def _validate_tensors(artifact: Artifact) -> dict[str, QuantizedModule]:
         expect("qzeros", "I32", [n_groups, out_features * cfg.bits // 32])
         expect("scales", "F16", [n_groups, out_features])
         expect("g_idx", "I32", [in_features])
-        g_idx = artifact.tensor(f"{prefix}.g_idx")
-        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
-            raise ArtifactError(f"{artifact.path / artifact.weight_map[prefix + '.g_idx']}: tensor "
-                                f"{prefix}.g_idx has values outside [0, {n_groups})")
+        try:
+            check_group_indices(artifact.tensor(f"{prefix}.g_idx"), n_groups, name=f"tensor {prefix}.g_idx")
+        except ValueError as err:
+            raise ArtifactError(f"{artifact.path / artifact.weight_map[prefix + '.g_idx']}: {err}") from None
         non_finite = int((~torch.isfinite(artifact.tensor(f"{prefix}.scales"))).sum())
         if non_finite:
             raise ArtifactError(f"{artifact.path / artifact.weight_map[prefix + '.scales']}: tensor "

@@ -80,8 +80,27 @@ def tokenize_documents(documents, tokenizer, *, max_tokens: int | None = None) -
     return torch.tensor(ids, dtype=torch.long)
 
 
-def windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int, source: str) -> torch.Tensor:
-    """`num_samples` distinct non-overlapping windows of `seq_len` tokens, chosen by `seed`."""
+def added_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before every text (Llama's and Gemma's do), else None.
+
+    Such a model only ever sees text after BOS, and its first position is an attention sink with
+    outsized activations: windows cut from a document's middle must still start with it, or the
+    Hessians describe inputs the model never gets.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int, source: str,
+            bos: int | None = None) -> torch.Tensor:
+    """`num_samples` distinct non-overlapping windows of `seq_len` tokens, chosen by `seed`; with
+    `bos`, each is that token and `seq_len - 1` tokens of the stream."""
+    if bos is not None:
+        picked = windows(stream, num_samples, seq_len - 1, seed, source)
+        return torch.cat([torch.full((num_samples, 1), bos, dtype=picked.dtype), picked], dim=1)
     available = stream.numel() // seq_len
     if available < num_samples:
         raise CalibrationError(
@@ -102,11 +121,13 @@ def builtin_calibration(config: QuantizeConfig, tokenizer, seq_len: int) -> torc
     docs = _shuffled(builtin_documents("calibration"), config.seed)
     # Twice what is needed gives the window draw room to choose; the whole corpus is ~10M tokens.
     stream = tokenize_documents(docs, tokenizer, max_tokens=2 * config.num_samples * seq_len)
-    return windows(stream, config.num_samples, seq_len, config.seed, "builtin calibration text")
+    return windows(stream, config.num_samples, seq_len, config.seed, "builtin calibration text",
+                   bos=added_bos(tokenizer))
 
 
 def file_calibration(path: str, config: QuantizeConfig, tokenizer, seq_len: int) -> torch.Tensor:
-    """Windows from a .txt/.jsonl/.parquet file: `input_ids` rows used as is, else `text` tokenized."""
+    """Windows from a .txt/.jsonl/.parquet file: `input_ids` rows used as is (less the positions an
+    `attention_mask` column marks as padding), else `text` tokenized."""
     file = Path(path)
     builder = FILE_BUILDERS.get(file.suffix)
     if builder is None:
@@ -124,7 +145,10 @@ def file_calibration(path: str, config: QuantizeConfig, tokenizer, seq_len: int)
     except Exception as err:  # datasets raises many types for unreadable files
         raise CalibrationError(f"{path}: cannot read as {builder} ({type(err).__name__}: {err})") from None
     if "input_ids" in data.column_names:
-        rows = [row[:seq_len] for row in data["input_ids"] if len(row) >= seq_len]
+        rows = data["input_ids"]
+        if "attention_mask" in data.column_names:  # padded rows: only the real tokens are kept
+            rows = [[t for t, keep in zip(row, mask) if keep] for row, mask in zip(rows, data["attention_mask"])]
+        rows = [row[:seq_len] for row in rows if len(row) >= seq_len]
         if len(rows) < config.num_samples:
             raise CalibrationError(f"{path}: {len(rows)} rows of input_ids have at least {seq_len} "
                                    f"tokens, need num_samples={config.num_samples}")
@@ -137,7 +161,7 @@ def file_calibration(path: str, config: QuantizeConfig, tokenizer, seq_len: int)
     if not texts:
         raise CalibrationError(f"{path}: no non-empty text")
     stream = tokenize_documents(texts, tokenizer)
-    return windows(stream, config.num_samples, seq_len, config.seed, path)
+    return windows(stream, config.num_samples, seq_len, config.seed, path, bos=added_bos(tokenizer))
 
 
 def load_calibration(config: QuantizeConfig, tokenizer, seq_len: int | None = None) -> CalibrationSet:

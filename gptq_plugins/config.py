@@ -136,18 +136,17 @@ class QuantizeConfig:
         return (1 << self.bits) - 1
 
     def groups_for(self, in_features: int) -> int:
-        """Number of groups for a layer with `in_features` inputs (checks divisibility)."""
+        """Number of groups of a layer with `in_features` inputs: `ceil(in / group_size)`, as the
+        Hub's GPTQ v1 checkpoints count them (a group size that does not divide the input leaves a
+        last, shorter group)."""
         self.check_layer(in_features)
-        return 1 if self.group_size == -1 else in_features // self.group_size
+        return 1 if self.group_size == -1 else -(-in_features // self.group_size)
 
     def group_size_for(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
     def check_layer(self, in_features: int, out_features: int | None = None, name: str = "layer"):
         """Raise `ConfigError` when a layer of this shape cannot be stored with these options."""
-        if self.group_size != -1 and in_features % self.group_size:
-            raise ConfigError("group_size", f"{self.group_size} does not divide the input size "
-                              f"{in_features} of {name}")
         if (in_features * self.bits) % 32:
             raise ConfigError("bits", f"{name}: input size {in_features} x {self.bits} bits is "
                               "not a whole number of 32-bit words")

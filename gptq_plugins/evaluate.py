@@ -48,15 +48,19 @@ def heldout_tokens(dataset: str, tokenizer, max_tokens: int | None = None) -> to
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int) -> dict:
-    """Perplexity of `model` on `tokens` (1-D) in non-overlapping windows of `seq_len` tokens."""
-    if seq_len < 2:
-        raise ConfigError("seq_len", f"expected at least 2 tokens per window, got {seq_len}")
-    count = tokens.numel() // seq_len
+def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, bos: int | None = None) -> dict:
+    """Perplexity of `model` on `tokens` (1-D) in non-overlapping windows of `seq_len` tokens;
+    with `bos` (see `calibration.added_bos`) each window is BOS and `seq_len - 1` tokens."""
+    if seq_len < 2 + (bos is not None):
+        raise ConfigError("seq_len", f"expected at least {2 + (bos is not None)} tokens per window, got {seq_len}")
+    width = seq_len - (bos is not None)
+    count = tokens.numel() // width
     if count == 0:
         raise ConfigError("seq_len", f"the held-out text has {tokens.numel()} tokens, fewer than "
-                          f"one window of {seq_len}")
-    windows = tokens[: count * seq_len].view(count, seq_len)
+                          f"one window of {width}")
+    windows = tokens[: count * width].view(count, width)
+    if bos is not None:
+        windows = torch.cat([torch.full((count, 1), bos, dtype=windows.dtype), windows], dim=1)
     device = next(model.parameters()).device
     total_nll, predicted = 0.0, 0
     for batch in windows.split(max(1, BATCH_TOKENS // seq_len)):
@@ -121,6 +125,7 @@ def load_for_eval(path: str | os.PathLike, *, trust_remote_code: bool = False):
 def evaluate(path: str | os.PathLike, *, dataset: str = "builtin", seq_len: int | None = None,
              max_tokens: int | None = None, trust_remote_code: bool = False) -> dict:
     """Perplexity of the model or artifact at `path` on held-out text, as a JSON-clean report."""
+    from gptq_plugins.calibration import added_bos
     from gptq_plugins.pipeline import context_length
 
     if max_tokens is not None and max_tokens <= 0:
@@ -133,7 +138,7 @@ def evaluate(path: str | os.PathLike, *, dataset: str = "builtin", seq_len: int 
     elif limit and seq_len > limit:
         raise ConfigError("seq_len", f"{seq_len} exceeds the model's context length {limit}")
     tokens = heldout_tokens(dataset, tokenizer, max_tokens)
-    result = perplexity(model, tokens, seq_len)
+    result = perplexity(model, tokens, seq_len, bos=added_bos(tokenizer))
     return {"model": str(Path(path).resolve()), "kind": "artifact" if quantization else "float",
             "quantization_config": quantization, "dataset": dataset, **result,
             "seconds": round(time.perf_counter() - start, 2)}

@@ -116,7 +116,7 @@ def check_quantized(qw) -> None:
                          f"{tuple(qw.scales.shape)} and {tuple(qw.zeros.shape)}")
     if qw.g_idx.shape != (in_features,):
         raise ValueError(f"g_idx: expected [{in_features}], got {tuple(qw.g_idx.shape)}")
-    _check_group_indices(qw.g_idx, n_groups)
+    check_group_indices(qw.g_idx, n_groups)
     check_codes(qw.codes, bits, "codes")
     check_codes(qw.zeros, bits, "zeros", low=1)  # stored as zero - 1 in 0..maxq
     _check_packable_length(in_features, bits, "codes (in_features)")
@@ -139,9 +139,14 @@ def pack_quantized_with(qw, pack) -> dict[str, torch.Tensor]:
     }
 
 
-def _check_group_indices(g_idx: torch.Tensor, n_groups: int) -> None:
+def check_group_indices(g_idx: torch.Tensor, n_groups: int, name: str = "g_idx") -> None:
+    """Raise `ValueError` naming `name` unless every group index lies in `[0, n_groups)`.
+
+    The one copy of this check: a group index out of range would read another layer's memory in
+    a gather kernel, so every reader (artifact, hosts, kernels) calls it before use.
+    """
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
-        raise ValueError(f"g_idx: group indices must lie in [0, {n_groups - 1}], found "
+        raise ValueError(f"{name}: group indices must lie in [0, {n_groups - 1}], found "
                          f"[{int(g_idx.min())}, {int(g_idx.max())}]")
 
 
@@ -167,7 +172,7 @@ def check_packed(qweight, qzeros, scales, g_idx, bits) -> tuple[int, int, int]:
             raise ValueError(f"{name}: expected shape {expected[name]} for in={in_features}, "
                              f"out={out_features}, groups={n_groups}, bits={bits}, got "
                              f"{tuple(t.shape)}")
-    _check_group_indices(g_idx, n_groups)
+    check_group_indices(g_idx, n_groups)
     return in_features, out_features, n_groups
 
 

@@ -79,21 +79,19 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
         return replace(rtn(weight, config, hessian), damp_percent=damp_percent, fallback=reason)
 
     positions = torch.arange(in_features, device=w_t.device)
-    if fixed is not None:
+    if config.desc_act and fixed is None:
+        # Act-order groups are runs of the quantization order: column k (in that order) is in group
+        # k // group_size, the last run shorter when group_size does not divide the input.
+        g_idx, column_groups = torch.argsort(perm) // group_size, positions // group_size
+    else:  # groups are the input's own runs of group_size columns, wherever the order takes them
         g_idx = positions // group_size
         column_groups = g_idx if perm is None else g_idx[perm]
-    else:  # groups follow the quantization order, recomputed at each group start
-        g_idx = positions // group_size if perm is None else torch.argsort(perm) // group_size
-        column_groups = positions // group_size
     # GPTAQ's correction, as each quantized column passes it on to the columns after it.
     carry = None if asymmetry is None else GPTAQ_ALPHA * (asymmetry @ hinv_upper.T).triu_(1) @ hinv_upper
     codes_t, scales, zeros, loss = _gptq_columns(w_t, hinv_upper, config, fixed, column_groups.tolist(),
                                                  n_groups, carry)
     if perm is not None:
         codes_t = codes_t[torch.argsort(perm)]
-    if config.act_group_aware and fixed is None:  # whole groups moved: index them in place again
-        slot_of_group = g_idx[::group_size]
-        scales, zeros, g_idx = scales[slot_of_group], zeros[slot_of_group], positions // group_size
     codes = codes_t.T.to(torch.int32, memory_format=torch.contiguous_format)
     return QuantizedWeight(codes, scales, zeros.to(torch.int32), g_idx.to(torch.int32), config.bits,
                            config.group_size, damp_percent, loss)
@@ -105,23 +103,29 @@ def _quantization_order(diagonal: torch.Tensor, config: QuantizeConfig, group_si
     Act-order (`desc_act`) takes the columns by decreasing Hessian diagonal (most error-sensitive
     first, while the most columns remain to absorb their error). The group-aware variant keeps
     each group's columns together: groups by decreasing summed diagonal, columns within a group
-    likewise, so each group still has one contiguous block of inputs.
+    likewise, so each group still has one contiguous block of inputs. A last, shorter group
+    (group_size not dividing the input) stays last, so every group starts where a lazy block
+    does and the result stays independent of the block width.
     """
     if config.desc_act:
         return torch.argsort(diagonal, descending=True)
     if not config.act_group_aware:
         return None
-    by_group = diagonal.reshape(-1, group_size)
+    whole = diagonal.numel() // group_size * group_size
+    by_group = diagonal[:whole].reshape(-1, group_size)
     within = torch.argsort(by_group, dim=1, descending=True)
-    starts = torch.arange(0, diagonal.numel(), group_size, device=diagonal.device)[:, None]
-    return (within + starts)[torch.argsort(by_group.sum(dim=1), descending=True)].reshape(-1)
+    starts = torch.arange(0, whole, group_size, device=diagonal.device)[:, None]
+    ordered = (within + starts)[torch.argsort(by_group.sum(dim=1), descending=True)].reshape(-1)
+    tail = whole + torch.argsort(diagonal[whole:], descending=True)
+    return torch.cat([ordered, tail])
 
 
 def _gptq_columns(w_t, hinv_upper, config, fixed, column_groups, n_groups, carry=None):
     """The column loop of `fasterquant` on the transposed weight `w_t [in, out]` (updated in place).
 
-    `fixed`: precomputed `(scales, zeros)` per group, or None to compute each group's grid from
-    the updated weights when its first column comes up. `carry [in, in]` (GPTAQ): column i also
+    `column_groups[k]`: the group of the k-th column quantized; each group's columns come up
+    together. `fixed`: precomputed `(scales, zeros)` per group, or None to compute each group's
+    grid from the updated weights of all its columns when its first column comes up. `carry [in, in]` (GPTAQ): column i also
     adds `carry[i, j] * w_i` to each later column j, `w_i` its value when quantized (rows of
     `w_t` keep it, so the lazy block update is exact). Returns codes (as floats, `[in, out]`, in
     quantization order), scales and zeros `[n_groups, out]`, and the summed loss.
@@ -138,7 +142,7 @@ def _gptq_columns(w_t, hinv_upper, config, fixed, column_groups, n_groups, carry
         hinv_block = hinv_upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             column, group = i1 + i, column_groups[i1 + i]
-            if fixed is None and column % group_size == 0:
+            if fixed is None and (column == 0 or column_groups[column - 1] != group):
                 scales[group], zeros[group] = find_params(w_t[column:column + group_size].T,
                                                           config.bits, config.sym, config.mse_clip)
             w, scale, zero = w_t[column], scales[group], zeros[group]
@@ -223,10 +227,8 @@ def rtn(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | No
     _check_finite(weight, "weight")
     w = weight.detach().float()
     scales, zeros = _contiguous_group_params(w, config)
-    n_groups = scales.shape[0]
-    by_group = w.reshape(out_features, n_groups, -1)
-    codes = round_to_grid(by_group, scales.T, zeros.T, config.maxq).reshape(out_features, in_features)
     g_idx = torch.arange(in_features, device=w.device) // config.group_size_for(in_features)
+    codes = round_to_grid(w, scales[g_idx].T, zeros[g_idx].T, config.maxq)
     result = QuantizedWeight(codes.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32),
                              config.bits, config.group_size, damp_percent=0.0, loss=float("nan"))
     if hessian is None:
@@ -236,12 +238,18 @@ def rtn(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | No
 
 
 def _contiguous_group_params(w: torch.Tensor, config: QuantizeConfig):
-    """`(scales, zeros)`, each `[n_groups, out]`, of contiguous column groups, in one call."""
+    """`(scales, zeros)`, each `[n_groups, out]`, of contiguous column groups (the last one
+    shorter where group_size does not divide the input), in one call per group length."""
     out_features, in_features = w.shape
-    n_groups = config.groups_for(in_features)
-    scale, zero = find_params(w.reshape(out_features * n_groups, -1), config.bits, config.sym,
-                              config.mse_clip)
-    return tuple(p.reshape(out_features, n_groups).T.contiguous() for p in (scale, zero))
+    group_size = config.group_size_for(in_features)
+    whole = in_features // group_size * group_size
+    parts = []
+    for columns in (w[:, :whole], w[:, whole:]):
+        if columns.shape[1]:
+            rows = columns.reshape(-1, min(group_size, columns.shape[1]))
+            parts.append([p.reshape(out_features, -1) for p in
+                          find_params(rows, config.bits, config.sym, config.mse_clip)])
+    return tuple(torch.cat([part[i] for part in parts], dim=1).T.contiguous() for i in range(2))
 
 
 def _all_finite(t: torch.Tensor) -> bool:

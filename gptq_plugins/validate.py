@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import reduce
 from pathlib import Path
 
 import torch
@@ -166,11 +165,7 @@ def _option_problems(linears: dict[str, torch.nn.Module], config: QuantizeConfig
             failures.setdefault(err.option, []).append(err)
     problems = []
     for option, errors in failures.items():
-        line = str(errors[0]) + (f" (and {len(errors) - 1} more layers)" if len(errors) > 1 else "")
-        if option == "group_size":
-            divisor = reduce(math.gcd, (features(layer).in_features for layer in linears.values()))
-            line += f"; expected -1 or a divisor of {divisor} (the gcd of the quantized input sizes)"
-        problems.append(line)
+        problems.append(str(errors[0]) + (f" (and {len(errors) - 1} more layers)" if len(errors) > 1 else ""))
     return problems
 
 

@@ -29,6 +29,9 @@ from gptq_plugins_transformers import GPTQPluginsConfig
 CALIBRATION = {"num_samples": 8, "seq_len": 64}
 GROUP_SIZE = 64
 CASES = [(bits, desc_act) for bits in (2, 3, 4, 8) for desc_act in (False, True)]
+# Group 96 leaves ragged last groups (128 inputs = 96 + 32, 256 = 96 + 96 + 64), as Hub checkpoints do.
+RAGGED_GROUP_SIZE = 96
+RAGGED_CASES = [(4, False, RAGGED_GROUP_SIZE), (3, True, RAGGED_GROUP_SIZE)]
 PROMPTS = ["def main():\n    return", "The quick brown fox", "import os\nimport"]
 NEW_TOKENS = 6
 
@@ -56,13 +59,14 @@ def artifacts(model_dir, tmp_path_factory):
     model, tokenizer = load_model(model_dir)
     calibration = calibration_for(model, QuantizeConfig(**CALIBRATION), tokenizer)
     paths = {}
-    for bits, desc_act in CASES:
-        config = QuantizeConfig(bits=bits, group_size=GROUP_SIZE, desc_act=desc_act, **CALIBRATION)
-        path = out / f"b{bits}{'-act' if desc_act else ''}"
+    for case in CASES + RAGGED_CASES:
+        bits, desc_act, group_size = (*case, GROUP_SIZE)[:3]
+        config = QuantizeConfig(bits=bits, group_size=group_size, desc_act=desc_act, **CALIBRATION)
+        path = out / f"b{bits}{'-act' if desc_act else ''}-g{group_size}"
         quantize_model(copy.deepcopy(model), path, config, calibration, progress=False)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy2(model_dir / name, path / name)
-        paths[bits, desc_act] = path
+        paths[case] = path
     return paths
 
 
@@ -150,9 +154,11 @@ def test_config_rejects_unknown_keys_and_other_methods():
 
 
 # ----------------------------------------------------------------------------- loading artifacts
-@pytest.mark.parametrize("bits, desc_act", CASES, ids=[f"{b}bit{'-act' if a else ''}" for b, a in CASES])
-def test_loaded_artifact_matches_dequantized_reference(artifacts, model_dir, prompt_ids, bits, desc_act):
-    path = artifacts[bits, desc_act]
+@pytest.mark.parametrize("case", CASES + RAGGED_CASES,
+                         ids=[f"{c[0]}bit{'-act' if c[1] else ''}{f'-g{c[2]}' if len(c) > 2 else ''}"
+                              for c in CASES + RAGGED_CASES])
+def test_loaded_artifact_matches_dequantized_reference(artifacts, model_dir, prompt_ids, case):
+    path = artifacts[case]
     model = AutoModelForCausalLM.from_pretrained(path)
     layers = quant_linears(model)
     assert set(layers) == set(read_artifact(path).modules) and len(layers) == 14
@@ -266,9 +272,12 @@ def test_bad_quantization_config_in_checkpoint_fails_clearly(artifacts, tmp_path
         AutoModelForCausalLM.from_pretrained(edited_copy(src, tmp_path / "bits8", lambda qc: qc.update(bits=8)))
 
 
-def test_quantize_on_load_rejects_options_the_model_cannot_take(model_dir):
-    with pytest.raises(ConfigError, match="group_size: 96 does not divide the input size 128"):
-        AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=GPTQPluginsConfig(group_size=96))
+def test_quantize_on_load_rejects_options_the_model_cannot_take(tmp_path):
+    narrow = build_tiny_model(tmp_path / "narrow", hidden_size=80, intermediate_size=160, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(ConfigError, match=r"bits: model\.layers\.0\.[a-z_.]+: input size 80 x 3 bits is not a whole "
+                                          r"number of 32-bit words"):
+        AutoModelForCausalLM.from_pretrained(narrow, quantization_config=GPTQPluginsConfig(bits=3))
 
 
 # ----------------------------------------------------------------------------- quantize on load

@@ -29,7 +29,8 @@ import pytest
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 128, 256, 4, 2  # 3-bit zeros pack: every width x 3 % 32 == 0
 GROUP_SIZE = 32
 CALIBRATION = {"num_samples": 8, "seq_len": 64}
-# name: (bits, symmetric, act-order)
+# name: (bits, symmetric, act-order[, group size]); group 48 leaves ragged last groups (128 = 48 + 48 + 32,
+# 256 = 5 x 48 + 16), and a tensor-parallel rank's 64 or 128 inputs start inside a group.
 ARTIFACTS = {
     "b2-asym-act": (2, False, True),
     "b3-asym": (3, False, False),
@@ -38,9 +39,12 @@ ARTIFACTS = {
     "b4-asym-act": (4, False, True),
     "b8-sym-act": (8, True, True),
     "b8-asym": (8, False, False),
+    "b4-asym-g48": (4, False, False, 48),
+    "b3-sym-act-g48": (3, True, True, 48),
 }
 STOCK_EXPORT = "b4-sym-as-gptq"  # b4-sym converted to quant_method gptq
 TP_CASE = "b4-asym-act"  # act-order on row-parallel layers is the hard case of TP sharding
+TP_RAGGED_CASE = "b4-asym-g48"  # row-parallel slices that start inside a group
 PROMPTS = ["def main():\n    return", "The quick brown fox", "import os\nimport"]
 NEW_TOKENS = 8
 MAX_MODEL_LEN = 256
@@ -152,9 +156,10 @@ def artifacts(model_dir, tmp_path_factory):
     model, tokenizer = load_model(model_dir)
     calibration = calibration_for(model, QuantizeConfig(**CALIBRATION), tokenizer)
     paths = {}
-    for name, (bits, sym, desc_act) in ARTIFACTS.items():
+    for name, (bits, sym, desc_act, *group) in ARTIFACTS.items():
         paths[name] = out / name
-        config = QuantizeConfig(bits=bits, group_size=GROUP_SIZE, sym=sym, desc_act=desc_act, **CALIBRATION)
+        config = QuantizeConfig(bits=bits, group_size=group[0] if group else GROUP_SIZE, sym=sym,
+                                desc_act=desc_act, **CALIBRATION)
         quantize_model(copy.deepcopy(model), paths[name], config, calibration, progress=False)
         for file in ("tokenizer.json", "tokenizer_config.json"):  # vLLM loads the tokenizer too
             shutil.copy2(model_dir / file, paths[name] / file)
@@ -293,11 +298,13 @@ def test_importing_the_core_does_not_import_vllm():
 
 
 def test_tensor_parallel_2_gives_the_tokens_of_1(artifacts, prompt_ids, served, tmp_path):
-    job = {"label": "tp2", "model": str(artifacts[TP_CASE]), "quantization": "gptq_plugins",
-           "dtype": "float32", "prompts": prompt_ids, "tensor_parallel_size": 2}
-    result = engine_subprocess([job], tmp_path, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})["tp2"]
-    assert "error" not in result, result
-    assert result["tokens"] == served[TP_CASE]["tokens"]
+    jobs = [{"label": name, "model": str(artifacts[name]), "quantization": "gptq_plugins",
+             "dtype": "float32", "prompts": prompt_ids, "tensor_parallel_size": 2}
+            for name in (TP_CASE, TP_RAGGED_CASE)]
+    results = engine_subprocess(jobs, tmp_path, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    for name in (TP_CASE, TP_RAGGED_CASE):
+        assert "error" not in results[name], results[name]
+        assert results[name]["tokens"] == served[name]["tokens"], name
 
 
 def test_tensor_parallel_2_serves_mixture_of_experts(tmp_path):

@@ -40,12 +40,15 @@ def test_bad_option_names_the_option(changes, option):
 def test_layer_checks_name_the_layer():
     cfg = QuantizeConfig(group_size=128)
     cfg.check_layer(256, 64, name="x")
-    with pytest.raises(ConfigError, match="does not divide the input size 200 of model.layers.0.q"):
-        cfg.check_layer(200, 64, name="model.layers.0.q")
+    cfg.check_layer(576, 64, name="x")  # a last, shorter group (576 = 4 x 128 + 64), as on the Hub
+    with pytest.raises(ConfigError, match="model.layers.0.q: input size 100 x 4 bits is not a whole number"):
+        cfg.check_layer(100, 64, name="model.layers.0.q")
     with pytest.raises(ConfigError, match="output size 40 x 3 bits"):
         QuantizeConfig(bits=3, group_size=-1).check_layer(64, 40, name="o")
     assert QuantizeConfig(group_size=-1).groups_for(96) == 1
     assert QuantizeConfig(group_size=32).groups_for(96) == 3
+    assert QuantizeConfig(group_size=128).groups_for(576) == 5  # ceil, the Hub's GPTQ v1 count
+    assert QuantizeConfig(group_size=128).groups_for(64) == 1
 
 
 @pytest.mark.parametrize("cfg", [

@@ -47,9 +47,7 @@ def test_options_are_checked_on_the_experts_before_any_weight_loads():
 
     model = mixtral()
     layout = layout_for(model)
-    check_layers(layout.block_list(model), layout, QuantizeConfig(group_size=32))
-    with pytest.raises(ConfigError, match=r"group_size.* 96 of model\.layers\.0\.mlp\.experts\.0\.w2"):
-        check_layers(layout.block_list(model), layout, QuantizeConfig(group_size=64))
+    check_layers(layout.block_list(model), layout, QuantizeConfig(group_size=64))  # w2's 96 inputs: a ragged last group
     assert not isinstance(model.model.layers[0].mlp.experts, UnfusedExperts)  # checking changed nothing
     with pytest.raises(ConfigError, match="gptaq: not available for mixtral models: .*route tokens"):
         check_layers(layout.block_list(model), layout, QuantizeConfig(group_size=32, gptaq=True))

@@ -201,15 +201,20 @@ def _bf16_exact_scales(n_groups, out_features, seed):
         * 2.0 ** -torch.randint(6, 12, (n_groups, out_features), generator=gen).float()
 
 
-@pytest.mark.parametrize("group_size", [32, 128, 512, -1])
+@pytest.mark.parametrize("in_features, group_size, op_group_size", [
+    (512, 32, 32), (512, 128, 128), (512, 512, 256), (512, -1, 256),
+    (576, 128, 64),  # ragged: four groups of 128 and a last one of 64
+    (480, 192, 32),  # ragged: 192, 192 and 96 share sub-groups of 32
+])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_int4_conversion_reproduces_reference_exactly(group_size, act_order):
-    in_features, out_features = 512, 32
-    n_groups = 1 if group_size == -1 else in_features // group_size
+def test_int4_conversion_reproduces_reference_exactly(in_features, group_size, op_group_size, act_order):
+    out_features = 32
+    n_groups = 1 if group_size == -1 else -(-in_features // group_size)
     qw = random_quantized(out_features, in_features, 4, group_size, act_order, seed=1,
                           scales=_bf16_exact_scales(n_groups, out_features, seed=1))
     packed = pack_quantized(qw)
-    weight = convert_to_int4pack(**packed, group_size=group_size)
+    weight = convert_to_int4pack(**packed)
+    assert weight.op_group_size == op_group_size
     assert (weight.input_order is not None) == (act_order and n_groups > 1)
     # Identity activations read the converted weight back, act-order gather included.
     w_t = int4pack_matmul(torch.eye(in_features, dtype=torch.bfloat16), weight)
@@ -221,7 +226,7 @@ def test_int4_matmul_within_bfloat16_tolerance(act_order):
     qw = random_quantized(64, 256, 4, 128, act_order, seed=2)  # arbitrary float16 scales
     packed = pack_quantized(qw)
     x = torch.randn(2, 7, 256).reshape(-1, 256)
-    y = int4pack_matmul(x, convert_to_int4pack(**packed, group_size=128))
+    y = int4pack_matmul(x, convert_to_int4pack(**packed))
     assert y.dtype == torch.float32
     reference = x @ dequantize_packed(**packed, bits=4).T
     torch.testing.assert_close(y, reference, rtol=0, atol=0.02 * reference.abs().max().item())
@@ -229,17 +234,22 @@ def test_int4_matmul_within_bfloat16_tolerance(act_order):
 
 @pytest.mark.parametrize("out_features, group_size, act_order, reason", [
     (24, 32, False, "out_features"),           # op packs 16 output rows at a time
-    (32, -1, False, "group size"),             # in=40 has no 32-multiple sub-group
+    (32, -1, False, r"groups of \[40\] columns"),  # in=40 has no 32-multiple sub-group
+    (32, 48, False, r"groups of \[16, 48\] columns"),  # ragged: a last group of 16
 ])
 def test_int4_declines_unsupported_layers(out_features, group_size, act_order, reason):
     in_features = 40 if group_size == -1 else 64
     packed = pack_quantized(random_quantized(out_features, in_features, 4, group_size, act_order))
     with pytest.raises(BackendUnsupported, match=reason):
-        convert_to_int4pack(**packed, group_size=group_size)
+        convert_to_int4pack(**packed)
 
 
-def test_int4_declines_uneven_groups():
-    packed = pack_quantized(random_quantized(32, 64, 4, 32, act_order=False))
-    packed["g_idx"] = torch.zeros(64, dtype=torch.int32)  # every column in group 0 of 2
-    with pytest.raises(BackendUnsupported, match="g_idx"):
-        convert_to_int4pack(**packed, group_size=32)
+def test_int4_takes_any_group_assignment_with_a_common_sub_group():
+    """Groups of 96, 0 and 32 columns (an odd but valid g_idx) still read back exactly."""
+    packed = pack_quantized(random_quantized(32, 128, 4, 64, act_order=False, seed=3,
+                                             scales=_bf16_exact_scales(2, 32, seed=3)))
+    packed["g_idx"] = torch.tensor([0] * 96 + [1] * 32, dtype=torch.int32)[torch.randperm(128)]
+    weight = convert_to_int4pack(**packed)
+    assert weight.op_group_size == 32
+    w_t = int4pack_matmul(torch.eye(128, dtype=torch.bfloat16), weight)
+    assert torch.equal(w_t.float().T, dequantize_packed(**packed, bits=4))

@@ -48,7 +48,7 @@ def random_quantized(out_features: int, in_features: int, bits: int, group_size:
     gen = torch.Generator().manual_seed(seed)
     maxq = (1 << bits) - 1
     group = in_features if group_size == -1 else group_size
-    n_groups = in_features // group
+    n_groups = -(-in_features // group)  # a last, shorter group where group does not divide
     g_idx = torch.arange(in_features) // group
     if act_order:
         g_idx = g_idx[torch.randperm(in_features, generator=gen)]
@@ -101,12 +101,13 @@ def test_round_trip_and_layout(case):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("act_order", [False, True])
-def test_pack_quantized_checkpoint_tensors(bits, act_order):
-    qw = random_quantized(out_features=64, in_features=128, bits=bits, group_size=32,
+@pytest.mark.parametrize("group_size, n_groups", [(32, 4), (48, 3)])  # 48: groups of 48, 48, 32
+def test_pack_quantized_checkpoint_tensors(bits, act_order, group_size, n_groups):
+    qw = random_quantized(out_features=64, in_features=128, bits=bits, group_size=group_size,
                           act_order=act_order)
     packed = pack_quantized(qw)
     assert packed["qweight"].shape == (128 * bits // 32, 64)
-    assert packed["qzeros"].shape == (4, 64 * bits // 32)
+    assert packed["qzeros"].shape == (n_groups, 64 * bits // 32)
     assert packed["scales"].dtype == torch.float16 and packed["g_idx"].dtype == torch.int32
     # qweight packs codes down the input dim; qzeros packs zero - 1 along the output dim.
     assert np.array_equal(stream_read(packed["qweight"], bits, 128), qw.codes.T.numpy())
@@ -114,9 +115,11 @@ def test_pack_quantized_checkpoint_tensors(bits, act_order):
     assert torch.equal(dequantize_packed(**packed, bits=bits), qw.dequantize())
 
 
-def test_dequantize_packed_matches_stock_formula():
+@pytest.mark.parametrize("group_size", [32, 40])  # 40: a ragged last group of 16, as the Hub stores it
+def test_dequantize_packed_matches_stock_formula(group_size):
     """w = scales[g_idx] * (code - (stored_zero + 1)), written out from the bit-stream model."""
-    qw = random_quantized(64, 96, 3, 32, act_order=True, seed=3)
+    qw = random_quantized(64, 96, 3, group_size, act_order=True, seed=3)
+    assert qw.scales.shape[0] == -(-96 // group_size)
     packed = pack_quantized(qw)
     codes = torch.from_numpy(stream_read(packed["qweight"], 3, 96))          # [in, out]
     stored = torch.from_numpy(stream_read(packed["qzeros"].T.contiguous(), 3, 64)).T  # [groups, out]

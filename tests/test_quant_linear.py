@@ -156,7 +156,7 @@ def test_plugin_backends_take_part_in_selection():
 
 @pytest.mark.parametrize("kwargs, option", [
     (dict(in_features=256, out_features=64, bits=5, group_size=128), "bits"),
-    (dict(in_features=256, out_features=64, bits=4, group_size=100), "group_size"),
+    (dict(in_features=256, out_features=64, bits=4, group_size=0), "group_size"),
     (dict(in_features=256, out_features=12, bits=4, group_size=128), "bits"),
 ])
 def test_bad_shapes_name_the_option(kwargs, option):

@@ -86,6 +86,11 @@ REFERENCE_CASES = {
     "groups smaller than blocks": dict(group_size=32, block_size=48),
     "groups larger than blocks": dict(group_size=64, block_size=24, desc_act=True),
     "3 bits": dict(bits=3, group_size=32),
+    # Ragged: 256 inputs in groups of 96, 96 and a last, shorter one of 64.
+    "ragged": dict(group_size=96),
+    "ragged act-order": dict(group_size=96, desc_act=True),
+    "ragged act-order static": dict(group_size=96, desc_act=True, static_groups=True),
+    "ragged groups larger than blocks": dict(group_size=96, block_size=40, sym=True),
 }
 
 
@@ -116,19 +121,23 @@ def test_gptq_beats_rtn_on_a_correlated_layer(desc_act):
 
 
 @pytest.mark.parametrize("sym", [True, False])
-def test_group_aware_order_is_gptq_on_whole_groups_reordered_with_contiguous_g_idx(sym):
-    """Group-aware act-order = plain GPTQ on the columns permuted group-wise (groups by summed
-    Hessian diagonal, columns within each group by diagonal), mapped back to the input order."""
-    group = 32
+@pytest.mark.parametrize("size, group", [(128, 32), (160, 64)])  # 160: groups of 64, 64 and 32
+def test_group_aware_order_is_gptq_on_whole_groups_reordered_with_contiguous_g_idx(sym, size, group):
+    """Group-aware act-order = plain GPTQ on the columns permuted group-wise (whole groups by
+    summed Hessian diagonal, a ragged last group kept last, columns within each group by
+    diagonal), mapped back to the input order."""
     config = QuantizeConfig(bits=3, group_size=group, sym=sym)
-    weight, hessian, _ = calibrated(128, 1024)
+    weight, hessian, _ = calibrated(size, 1024)
     result = quantize_weight(weight, hessian, config.replace(act_group_aware=True))
 
-    diagonal = hessian.diagonal().reshape(-1, group)
-    group_order = torch.argsort(diagonal.sum(dim=1), descending=True)
-    perm = torch.cat([g * group + torch.argsort(diagonal[g], descending=True) for g in group_order.tolist()])
+    whole = size // group * group
+    diagonal = hessian.diagonal()
+    by_group = diagonal[:whole].reshape(-1, group)
+    group_order = torch.argsort(by_group.sum(dim=1), descending=True).tolist() + list(range(whole // group, -(-size // group)))
+    perm = torch.cat([g * group + torch.argsort(diagonal[g * group:(g + 1) * group], descending=True)
+                      for g in group_order])
     plain = quantize_weight(weight[:, perm], hessian[perm][:, perm], config)
-    assert torch.equal(result.g_idx, torch.arange(128, dtype=torch.int32) // group)
+    assert torch.equal(result.g_idx, torch.arange(size, dtype=torch.int32) // group)
     assert torch.equal(result.codes, plain.codes[:, torch.argsort(perm)])
     assert torch.equal(result.scales[group_order], plain.scales)
     assert torch.equal(result.zeros[group_order], plain.zeros)
@@ -225,12 +234,14 @@ def test_falls_back_to_rtn_with_a_reason_when_damping_cannot_help():
     assert torch.equal(qw.codes, rtn(weight, config).codes)
 
 
-def test_rtn_rounds_each_contiguous_group_to_nearest():
+@pytest.mark.parametrize("in_features", [64, 56])  # 56: a last, shorter group of 8
+def test_rtn_rounds_each_contiguous_group_to_nearest(in_features):
     config = QuantizeConfig(bits=3, group_size=16, sym=False)
-    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(6))
+    weight = torch.randn(8, in_features, generator=torch.Generator().manual_seed(6))
     qw = rtn(weight, config)
-    assert torch.equal(qw.g_idx, torch.arange(64, dtype=torch.int32) // 16)
-    for g in range(4):
+    assert torch.equal(qw.g_idx, torch.arange(in_features, dtype=torch.int32) // 16)
+    assert qw.scales.shape == (-(-in_features // 16), 8)
+    for g in range(qw.scales.shape[0]):
         columns = weight[:, 16 * g:16 * (g + 1)]
         scale, zero = find_params(columns, 3, sym=False)
         assert torch.equal(qw.codes[:, 16 * g:16 * (g + 1)], quantize_codes(columns, scale, zero, 7))

@@ -8,8 +8,9 @@ for which the op is fast (0.4 ms against 15 ms in float32 for a 4096x4096 matvec
 that are not bfloat16-representable are rounded (relative error <= 2**-9, like the cast of
 the activations); symmetric grids (z = 8) have offset 0, so the zero point itself is exact.
 
-The op takes one scale per 32/64/128/256 inputs: larger groups (and group_size=-1, which is
-group_size=in_features) repeat their scale over sub-groups. Act-order weights are stored with
+The op takes one scale per 32/64/128/256 inputs: larger groups (group_size=-1 is one group of
+in_features, a ragged last group is shorter) repeat their scale over sub-groups of a length that
+divides every group. Act-order weights are stored with
 their input columns sorted by group, and each call gathers the activations in that order.
 """
 
@@ -38,29 +39,28 @@ class Int4PackedWeight:
     input_order: torch.Tensor | None  # act-order: activation columns in group order
 
 
-def convert_to_int4pack(qweight, qzeros, scales, g_idx, group_size: int) -> Int4PackedWeight:
+def convert_to_int4pack(qweight, qzeros, scales, g_idx) -> Int4PackedWeight:
     """Convert a packed 4-bit GPTQ layer; raises BackendUnsupported for shapes the op lacks."""
     in_features, out_features, n_groups = check_packed(qweight, qzeros, scales, g_idx, 4)
     if out_features % OP_OUT_MULTIPLE:
         raise BackendUnsupported(f"out_features={out_features} is not a multiple of {OP_OUT_MULTIPLE}")
-    group = in_features if group_size == -1 else group_size
-    op_group_size = next((s for s in OP_GROUP_SIZES if group % s == 0), None)
-    if op_group_size is None or n_groups * group != in_features:
-        raise BackendUnsupported(f"group size {group} ({n_groups} groups of {in_features} inputs): "
-                                 f"the op needs whole groups of a multiple of {min(OP_GROUP_SIZES)} columns")
-    # Sorting columns by group makes every group contiguous (act-order included) provided each
-    # group holds exactly `group` columns, which is how GPTQ assigns them.
+    # Sorting columns by group makes every group contiguous (act-order included); the op then
+    # needs one sub-group length dividing every group's column count (a ragged last group too).
     order = torch.argsort(g_idx, stable=True)
     positions = torch.arange(in_features, device=g_idx.device)
-    if not torch.equal(g_idx[order].long(), positions // group):
-        raise BackendUnsupported(f"g_idx does not give every group exactly {group} columns")
+    counts = torch.bincount(g_idx.long(), minlength=n_groups)
+    op_group_size = next((s for s in OP_GROUP_SIZES if not bool((counts % s).any())), None)
+    if op_group_size is None:
+        lengths = sorted(set(counts.tolist()))
+        raise BackendUnsupported(f"groups of {lengths} columns: the op needs every group's length to be "
+                                 f"a multiple of one of {list(OP_GROUP_SIZES)}")
     codes = unpack_rows(qweight, 4, in_features)  # [in, out]
     in_order = torch.equal(order, positions)
     if not in_order:
         codes = codes[order]
     scale = scales.to(torch.bfloat16)
     offset = ((OP_CODE_OFFSET - unpack_zeros(qzeros, 4, out_features)) * scale.float()).to(torch.bfloat16)
-    scales_and_zeros = torch.stack([scale, offset], dim=-1).repeat_interleave(group // op_group_size, dim=0)
+    scales_and_zeros = torch.stack([scale, offset], dim=-1).repeat_interleave(counts // op_group_size, dim=0)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.T.contiguous(), INNER_K_TILES)
     return Int4PackedWeight(packed, scales_and_zeros.contiguous(), op_group_size,
                             None if in_order else order)
@@ -91,8 +91,7 @@ class CpuInt4Backend:
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
     def prepare(self, layer) -> Int4PackedWeight:
-        return convert_to_int4pack(layer.qweight, layer.qzeros, layer.scales, layer.g_idx,
-                                   layer.group_size)
+        return convert_to_int4pack(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         return int4pack_matmul(x, layer.kernel_state)

@@ -23,7 +23,7 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-from gptq_plugins.packing import WORD_BITS, pack_rows
+from gptq_plugins.packing import WORD_BITS, check_group_indices, pack_rows
 from gptq_plugins.quant_linear import QuantLinear
 
 
@@ -104,14 +104,13 @@ class GPTQPluginsLinearMethod(LinearMethodBase):
             if size * bits % WORD_BITS:
                 raise ValueError(f"{name}: a {size}-wide slice x {bits} bits is not a whole number of "
                                  f"32-bit words {tp_note}")
-        if row_parallel and input_size_per_partition % group_size and group_size != input_size:
-            raise ValueError(f"{name}: group size {group_size} does not divide the "
-                             f"{input_size_per_partition} inputs {tp_note}")
-        # With act-order any input column may use any group, so a row-parallel rank keeps every
-        # group's scales and zeros and only its own slice of g_idx; otherwise it keeps the
-        # groups of its own columns.
-        groups_follow_rows = row_parallel and group_size != input_size and not self.options.desc_act
-        n_groups = (input_size_per_partition if groups_follow_rows else input_size) // group_size
+        # A row-parallel rank keeps the groups of its own columns when its slice holds whole
+        # groups. Otherwise (act-order, where any column may use any group, or a slice that starts
+        # inside a group) it keeps every group's scales and zeros and only its slice of g_idx.
+        groups_follow_rows = (row_parallel and group_size != input_size and not self.options.desc_act
+                              and input_size_per_partition % group_size == 0)
+        n_groups = (input_size_per_partition // group_size if groups_follow_rows
+                    else self.options.groups_for(input_size))
         out_features = sum(output_partition_sizes)
         packed_factor = Fraction(WORD_BITS, bits)
         loader = extra_weight_attrs["weight_loader"]
@@ -151,10 +150,7 @@ class GPTQPluginsLinearMethod(LinearMethodBase):
             # This rank loaded the groups of its own columns only; g_idx still counts them from
             # the first rank's first column.
             g_idx -= layer.tp_rank * (shape.in_per_rank // shape.group_size)
-        n_groups = layer.scales.shape[0]
-        if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
-            raise ValueError(f"{layer.prefix}.g_idx: group indices must lie in [0, {n_groups}), found "
-                             f"[{int(g_idx.min())}, {int(g_idx.max())}]")
+        check_group_indices(g_idx, layer.scales.shape[0], name=f"{layer.prefix}.g_idx")
         self.vllm_kernel = self._vllm_kernel(layer)
         if self.vllm_kernel is not None:
             self.vllm_kernel.process_weights_after_loading(layer)

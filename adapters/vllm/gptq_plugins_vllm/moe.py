@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-from gptq_plugins.packing import WORD_BITS
+from gptq_plugins.packing import WORD_BITS, check_group_indices
 from gptq_plugins.quant_linear import QuantLinear
 
 # Gated activations: the expert computes down(act(w1 x) * w3 x).
@@ -62,11 +62,9 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
                              f"number of 32-bit words {tp_note}")
         group_size = self.options.group_size_for(full_size)
         # As in row-parallel Linears: without act-order a rank keeps the groups of its own w2 rows
-        # (which must then hold whole groups); with act-order every group, and its slice of g_idx.
-        self.w2_groups_follow_rows = parallel.tp_size > 1 and group_size != full_size and not self.options.desc_act
-        if self.w2_groups_follow_rows and rank_size % group_size:
-            raise ValueError(f"{name}: group size {group_size} does not divide the {rank_size} intermediate "
-                             f"rows of w2 {tp_note}")
+        # when they hold whole groups; otherwise every group, and its slice of g_idx.
+        self.w2_groups_follow_rows = (parallel.tp_size > 1 and group_size != full_size and not self.options.desc_act
+                                      and rank_size % group_size == 0)
         self.w2_groups = rank_size // group_size if self.w2_groups_follow_rows else self.options.groups_for(full_size)
         # (in, out) of one expert's projection in each stack on this rank; a stack holds [experts, parts, ...].
         self.shapes = {"w13": (hidden_size, rank_size), "w2": (rank_size, hidden_size)}
@@ -122,11 +120,8 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
                     setattr(core, tensor, getattr(layer, f"{stack}_{tensor}").data[expert, index])
                 if stack == "w2" and self.w2_groups_follow_rows:  # g_idx counts groups from rank 0's first row
                     core.g_idx -= self.rank * self.w2_groups
-                n_groups = core.scales.shape[0]
-                g_idx = core.g_idx
-                if int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
-                    raise ValueError(f"{layer.layer_name}: expert {expert} {part} g_idx must lie in "
-                                     f"[0, {n_groups}), found [{int(g_idx.min())}, {int(g_idx.max())}]")
+                check_group_indices(core.g_idx, core.scales.shape[0],
+                                    name=f"{layer.layer_name}: expert {expert} {part} g_idx")
                 core.post_init()
                 linears.append(core)
             self.experts.append(tuple(linears))
