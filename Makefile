@@ -19,6 +19,8 @@ export TOKENIZERS_PARALLELISM := false
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
 DEMO_DIR := demo_out
+# `make demo DEMO_MODEL=tiny`: the random 4-block Llama of the tests instead of SmolLM2-135M (faster).
+DEMO_MODEL ?= smollm2
 
 .PHONY: venv demo test bench bench-quality clean
 
@@ -34,10 +36,7 @@ $(STAMP): pyproject.toml $(wildcard adapters/*/pyproject.toml) Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(PY) examples/build_demo_model.py $(DEMO_DIR)/model
-	$(VENV)/bin/gptq-plugins quantize $(DEMO_DIR)/model $(DEMO_DIR)/artifact --bits 4 --group-size 128 \
-		--num-samples 64 --seq-len 256 --overwrite
-	$(VENV)/bin/gptq-plugins inspect $(DEMO_DIR)/artifact
+	$(PY) examples/demo.py $(DEMO_DIR) $(if $(filter tiny,$(DEMO_MODEL)),--tiny)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests integration

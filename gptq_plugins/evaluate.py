@@ -33,7 +33,8 @@ def heldout_tokens(dataset: str, tokenizer, max_tokens: int | None = None) -> to
         documents = builtin_documents("eval")
     else:
         path = Path(dataset)
-        if path.suffix not in TEXT_SUFFIXES:
+        # A numeric "suffix" is a version, not a format (Apache-2.0, MPL-1.1 in common-licenses).
+        if path.suffix not in TEXT_SUFFIXES and not path.suffix[1:].isdigit():
             raise ConfigError("dataset", f"{dataset}: expected 'builtin' or a UTF-8 text file (.txt or no extension)")
         if not path.is_file():
             raise ConfigError("dataset", f"{dataset}: no such file")

@@ -96,6 +96,17 @@ def test_eval_rejects_a_dataset_that_is_not_text(uniform_model_dir, tmp_path, ca
     assert f"dataset: {table}: expected 'builtin' or a UTF-8 text file (.txt or no extension)" in capsys.readouterr().err
 
 
+def test_versioned_license_names_read_as_text(tmp_path, uniform_model_dir):
+    """Debian's common-licenses/Apache-2.0 has no extension: '.0' is a version, not a format."""
+    from gptq_plugins.evaluate import heldout_tokens
+    from gptq_plugins.pipeline import load_tokenizer
+
+    text = tmp_path / "Apache-2.0"
+    text.write_text("Licensed under the Apache License, Version 2.0. " * 20)
+    tokens = heldout_tokens(str(text), load_tokenizer(uniform_model_dir), max_tokens=50)
+    assert tokens.numel() == 50
+
+
 def test_perplexity_rejects_text_shorter_than_one_window(tmp_path):
     model = _uniform_output_model(tmp_path / "model", vocab_size=VOCAB, with_tokenizer=False)
     with pytest.raises(ConfigError, match="seq_len"):
