@@ -13,6 +13,7 @@ import torch
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.kernels import (AUTO, BackendUnsupported, announce, builtin_kernel_backends, rank_backends,
                                  requested_backend)
+from gptq_plugins.kernels.base import log
 from gptq_plugins.packing import dequantize_packed, pack_quantized
 
 
@@ -117,6 +118,9 @@ class QuantLinear(torch.nn.Module):
                 continue
             self.backend, self.kernel_state = candidate, state
             self._prepared_for = self._buffers_identity()
+            if declined:  # e.g. cpu_int4 on groups no sub-group length divides
+                log.info("gptq_plugins: a %dx%d layer runs on %s; declined: %s", self.out_features,
+                         self.in_features, candidate.name, "; ".join(declined))
             announce(candidate, device_type, self.bits, self.dtype, forced is not None)
             return
         raise ValueError(f"no kernel backend could prepare this layer: {declined}")

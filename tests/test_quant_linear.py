@@ -79,6 +79,22 @@ def test_post_init_picks_expected_backend(bits, out_features, group_size, expect
     assert f"backend={expected}" in repr(layer)
 
 
+def test_ragged_layer_the_int4_op_declines_falls_back_with_the_reason_logged(monkeypatch, caplog):
+    """160 inputs in groups of 64 (64, 64, 32) share sub-groups of 32, so cpu_int4 takes them; 80
+    inputs leave a last group of 16, which no sub-group length of the op divides: declined."""
+    monkeypatch.setattr("gptq_plugins.kernels.base.native_bfloat16", lambda device: True)
+    taken = QuantLinear.from_quantized(random_quantized(32, 160, 4, 64, act_order=False), dtype=torch.float32)
+    taken.post_init()
+    assert taken.backend.name == "cpu_int4"
+    declined = QuantLinear.from_quantized(random_quantized(32, 80, 4, 64, act_order=False), dtype=torch.float32)
+    with caplog.at_level("INFO", logger="gptq_plugins"):
+        declined.post_init()
+    assert declined.backend.name == "dense"
+    assert "a 32x80 layer runs on dense; declined: cpu_int4: groups of [16, 64] columns" in caplog.text
+    x = torch.randn(3, 80)
+    torch.testing.assert_close(declined(x), x @ declined.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native-bfloat16", "avx2"])
 def test_select_backend_by_device_dtype_and_isa(native, monkeypatch):
     monkeypatch.setattr("gptq_plugins.kernels.base.native_bfloat16", lambda device: native)
