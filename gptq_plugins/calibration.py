@@ -94,13 +94,17 @@ def added_bos(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
+def prepend_bos(rows: torch.Tensor, bos: int) -> torch.Tensor:
+    """`rows [n, length]` with a column of `bos` in front: `[n, length + 1]`."""
+    return torch.cat([torch.full((rows.shape[0], 1), bos, dtype=rows.dtype), rows], dim=1)
+
+
 def windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int, source: str,
             bos: int | None = None) -> torch.Tensor:
     """`num_samples` distinct non-overlapping windows of `seq_len` tokens, chosen by `seed`; with
     `bos`, each is that token and `seq_len - 1` tokens of the stream."""
     if bos is not None:
-        picked = windows(stream, num_samples, seq_len - 1, seed, source)
-        return torch.cat([torch.full((num_samples, 1), bos, dtype=picked.dtype), picked], dim=1)
+        return prepend_bos(windows(stream, num_samples, seq_len - 1, seed, source), bos)
     available = stream.numel() // seq_len
     if available < num_samples:
         raise CalibrationError(

@@ -61,7 +61,9 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, bos: 
                           f"one window of {width}")
     windows = tokens[: count * width].view(count, width)
     if bos is not None:
-        windows = torch.cat([torch.full((count, 1), bos, dtype=windows.dtype), windows], dim=1)
+        from gptq_plugins.calibration import prepend_bos
+
+        windows = prepend_bos(windows, bos)
     device = next(model.parameters()).device
     total_nll, predicted = 0.0, 0
     for batch in windows.split(max(1, BATCH_TOKENS // seq_len)):
