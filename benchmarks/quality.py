@@ -93,12 +93,27 @@ class Case:
 
 
 def cases(subject: Subject) -> list[Case]:
+    """Every run of the table: the grid, then the seeds (the goals need them), then the options."""
     grid = [Case(method, f"{bits}-bit g{group}", {"bits": bits, "group_size": group})
             for bits in subject.bits for group in subject.group_sizes for method in ("rtn", "gptq")]
     variants = [Case(method, f"{bits}-bit g128, {name}", {"bits": bits, "group_size": 128, **options})
                 for bits in VARIANT_BITS for name, options, with_rtn in VARIANTS
                 for method in (("rtn", "gptq") if with_rtn else ("gptq",))]
-    return grid + variants
+    seeds = [case for case in variants if "seed" in case.options]
+    return grid + seeds + [case for case in variants if "seed" not in case.options]
+
+
+def earlier_runs(path: Path, report: dict) -> list[dict]:
+    """Runs of an earlier results file measured the same way (model, texts, windows, float
+    perplexity, machine), which `--resume` keeps instead of running again."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    same = ("subject", "model", "eval_texts", "eval", "machine", "threads")
+    if any(earlier.get(key) != report[key] for key in same):
+        print(f"not resuming from {path}: measured on another model, text or machine", flush=True)
+        return []
+    return earlier["runs"]
 
 
 class Bench:
@@ -367,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", metavar="LABEL",
                         help="run only the cases with these labels (e.g. '4-bit g128' '4-bit g128, act-order')")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs of the results file measured the same way; run only the others")
     args = parser.parse_args(argv)
     subject = SUBJECTS[args.model]
     torch.set_num_threads(RECIPE["threads"])
@@ -375,15 +392,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"float: {float_eval['perplexity']:.3f}", flush=True)
     planned = [case for case in cases(subject)
                if not args.cases or case.label in args.cases]
-    with_artifact = not args.cases
     report = {"subject": subject.name, "model": bench.description, "eval_texts": bench.eval_texts,
               "eval": float_eval, "float_perplexity": float_eval["perplexity"],
               "default_calibration_samples": bench.config({}).num_samples,
               "machine": cpu_features().as_dict(), "threads": torch.get_num_threads(),
               "selected_cases": args.cases, "planned_runs": len(cases(subject)) + 1,
               "complete": False, "runs": []}
+    if args.resume:
+        report["runs"] = earlier_runs(args.output_dir / f"{subject.results_name}.json", report)
+        print(f"resuming: {len(report['runs'])} runs kept", flush=True)
+    done = {(run["method"], run["label"]) for run in report["runs"]}
+    with_artifact = not args.cases and ("gptq", ARTIFACT_LABEL) not in done
     # Results are rewritten after every run, so an interrupted benchmark still shows its progress.
     for case in planned:
+        if (case.method, case.label) in done:
+            continue
         report["runs"].append(bench.run(case))
         ppl = report["runs"][-1]["perplexity"]
         print(f"{case.method:4} {case.label}: {ppl:.3f} ({increase(ppl, float_eval['perplexity']):+.2%})",
