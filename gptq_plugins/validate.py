@@ -135,7 +135,7 @@ def _weight_problems(model_dir: Path, reference: torch.nn.Module, layout: ModelL
             return problems + [str(err)]
         return problems + [f"{model_dir}: weights only in {', '.join(pickles)}; expected safetensors files "
                            "(pickle files are never unpickled: convert them with safetensors first)"]
-    headers = _headers(checkpoint)
+    headers = checkpoint.headers()
     kept_float = tuple(f"{module}." for module in layout.keep_float)  # never read (e.g. a tied head)
     for model_name, tensor in reference.state_dict().items():
         name = layout.checkpoint_name(model_name)
@@ -167,20 +167,6 @@ def _option_problems(linears: dict[str, torch.nn.Module], config: QuantizeConfig
     for option, errors in failures.items():
         problems.append(str(errors[0]) + (f" (and {len(errors) - 1} more layers)" if len(errors) > 1 else ""))
     return problems
-
-
-def _headers(checkpoint: SourceCheckpoint) -> dict[str, tuple[str, list[int]]]:
-    """`{model name: (dtype, shape)}` from the safetensors headers (no tensor data is read)."""
-    by_file: dict[str, list[str]] = {}
-    for name, file in checkpoint.weight_map.items():
-        by_file.setdefault(file, []).append(name)
-    headers = {}
-    for file, names in sorted(by_file.items()):
-        with safe_open(str(checkpoint.path / file), framework="pt") as f:
-            for name in names:
-                tensor_slice = f.get_slice(checkpoint.stored_name(name))
-                headers[name] = (tensor_slice.get_dtype(), tensor_slice.get_shape())
-    return headers
 
 
 def _non_finite_problems(checkpoint: SourceCheckpoint, headers: dict[str, tuple[str, list[int]]]) -> list[str]:
