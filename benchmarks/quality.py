@@ -140,7 +140,7 @@ class Bench:
         return QuantizeConfig(**{**options, **sizes})
 
     def calibration(self, config) -> "CalibrationSet":
-        from gptq_plugins.calibration import load_calibration
+        from gptq_plugins.plugins import load_calibration
 
         key = config.num_samples, config.seq_len, config.seed
         if key not in self.calibrations:

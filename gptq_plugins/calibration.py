@@ -2,7 +2,8 @@
 
 `builtin` needs no network and ships no copied text: prose from the documentation topics of
 `pydoc_data.topics` and the sources of the standard library. Every tenth document is held out
-for evaluation and never used for calibration.
+for evaluation and never used for calibration. Sources are found by name through the plugin hook
+(`plugins.load_calibration`), whose core implementation calls this module.
 """
 
 from __future__ import annotations
@@ -166,18 +167,3 @@ def file_calibration(path: str, config: QuantizeConfig, tokenizer, seq_len: int)
         raise CalibrationError(f"{path}: no non-empty text")
     stream = tokenize_documents(texts, tokenizer)
     return windows(stream, config.num_samples, seq_len, config.seed, path, bos=added_bos(tokenizer))
-
-
-def load_calibration(config: QuantizeConfig, tokenizer, seq_len: int | None = None) -> CalibrationSet:
-    """Calibration token ids `[num_samples, seq_len]` from the source the config names.
-
-    Sources are a hook (`gptq_plugins_calibration_source`), so plugins can add their own.
-    """
-    from gptq_plugins.plugins import get_plugin_manager
-
-    seq_len = seq_len or config.seq_len
-    ids = get_plugin_manager().hook.gptq_plugins_calibration_source(
-        name=config.dataset, config=config, tokenizer=tokenizer, seq_len=seq_len)
-    if ids is None:
-        raise ConfigError("dataset", f"no calibration source named {config.dataset!r}")
-    return CalibrationSet(ids, config.dataset, config.seed)

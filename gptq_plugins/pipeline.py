@@ -513,7 +513,7 @@ def context_length(model) -> int | None:
 
 def calibration_for(model, config: QuantizeConfig, tokenizer) -> CalibrationSet:
     """The calibration windows `config` names, capped at the model's context length."""
-    from gptq_plugins.calibration import load_calibration
+    from gptq_plugins.plugins import load_calibration
 
     seq_len = config.seq_len
     limit = context_length(model)
