@@ -163,7 +163,7 @@ class QuantizeConfig:
                                modules_not_to_convert: list[str] | None = None) -> dict[str, Any]:
         """The `quantization_config` block of `config.json` (JSON-clean)."""
         if version is None:
-            from gptq_plugins import __version__ as version
+            from gptq_plugins.version import __version__ as version
         out: dict[str, Any] = {"quant_method": QUANT_METHOD if self.format == "gptq_plugins" else "gptq"}
         for f in fields(self):
             if f.metadata["artifact"]:
