@@ -107,7 +107,7 @@ class Bench:
     def __init__(self, subject: Subject, eval_tokens: int):
         from gptq_plugins.calibration import added_bos
         from gptq_plugins.evaluate import heldout_tokens
-        from gptq_plugins.pipeline import load_model
+        from gptq_plugins.model_loading import load_model
 
         self.subject = subject
         if subject.name == "reference":

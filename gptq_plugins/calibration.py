@@ -167,3 +167,21 @@ def file_calibration(path: str, config: QuantizeConfig, tokenizer, seq_len: int)
         raise CalibrationError(f"{path}: no non-empty text")
     stream = tokenize_documents(texts, tokenizer)
     return windows(stream, config.num_samples, seq_len, config.seed, path, bos=added_bos(tokenizer))
+
+
+def degenerate_calibration(ids: torch.Tensor, pad_token_id: int | None, source: str) -> str | None:
+    """Why `ids` cannot calibrate anything, or None.
+
+    A single repeated token gives every position the same first-block input; the pad token's
+    embedding is usually zero, so its activations (and Hessians) are all zero, and GPTQ would
+    zero every weight without any numerical error to notice.
+    """
+    if ids.numel() == 0:
+        return f"dataset {source!r}: no calibration tokens; expected num_samples x seq_len token ids"
+    distinct = torch.unique(ids)
+    if distinct.numel() > 1:
+        return None
+    token = int(distinct[0])
+    what = " (the pad token, whose activations are all zero)" if token == pad_token_id else ""
+    return (f"dataset {source!r}: all {ids.numel()} calibration tokens are id {token}{what}; "
+            "expected varied text or token ids")

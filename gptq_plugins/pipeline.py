@@ -24,6 +24,7 @@ from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.hessian import AsymmetryAccumulator, HessianAccumulator, resolve_hessian_dtype
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
 from gptq_plugins.linear_weights import features, read_weight, write_weight
+from gptq_plugins.model_loading import calibration_for, given_calibration, open_source
 from gptq_plugins.packing import pack_quantized
 from gptq_plugins.report import summarize
 from gptq_plugins.solver import QuantizedWeight, quantize_weight, rtn
@@ -484,45 +485,6 @@ def float_tensors(model: torch.nn.Module, quantized: set[str]) -> dict[str, torc
     return out
 
 
-def load_model(path: str | os.PathLike, *, trust_remote_code: bool = False):
-    """The float model and its tokenizer (None when the directory has none) from a local directory."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
-    model.eval()
-    return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
-
-
-def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False):
-    """The tokenizer saved with a model, or None when there is none (a dataset of token ids needs none)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def context_length(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
-
-
-def calibration_for(model, config: QuantizeConfig, tokenizer) -> CalibrationSet:
-    """The calibration windows `config` names, capped at the model's context length."""
-    from gptq_plugins.plugins import load_calibration
-
-    seq_len = config.seq_len
-    limit = context_length(model)
-    if limit and seq_len > limit:
-        log.warning("seq_len %d exceeds the model's context length %d: using %d", seq_len, limit, limit)
-        seq_len = limit
-    return load_calibration(config, tokenizer, seq_len)
-
-
 def quantization_config_for(model, config: QuantizeConfig, calibration: CalibrationSet | torch.Tensor) -> dict:
     """The `quantization_config` block of the artifact of `model` quantized on `calibration`.
 
@@ -560,31 +522,17 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
     with the model's tokenizer.
     """
     from gptq_plugins.artifact import ArtifactWriter
-    from gptq_plugins.streaming import ActivationStore, SourceCheckpoint, empty_model, materialize
+    from gptq_plugins.streaming import ActivationStore, materialize
 
-    source_dir = checkpoint = None
-    if isinstance(model_or_path, (str, os.PathLike)):
-        source_dir = Path(model_or_path)
-        if not (source_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{source_dir}: not a model directory (no config.json)")
-        tokenizer = load_tokenizer(source_dir, trust_remote_code=trust_remote_code)
-        if streaming:
-            model = empty_model(source_dir, trust_remote_code=trust_remote_code)
-            checkpoint = SourceCheckpoint(source_dir, model.base_model_prefix)
-        else:
-            model, tokenizer = load_model(source_dir, trust_remote_code=trust_remote_code)
-    else:
-        model, tokenizer = model_or_path, None
+    source = open_source(model_or_path, streaming=streaming, trust_remote_code=trust_remote_code)
+    model, tokenizer, source_dir, checkpoint = source.model, source.tokenizer, source.directory, source.checkpoint
     layout = layout_for(model)
     layout.prepare(model)
     blocks = layout.block_list(model)
     check_layers(blocks, layout, config)
     device = torch.device(device) if device else torch.device("cpu") if checkpoint else next(model.parameters()).device
     config = resolve_run_options(config, device)
-    # A model loaded from a directory must not be overwritten by its own artifact either.
-    loaded_from = getattr(model, "name_or_path", None)
-    source = source_dir or (Path(loaded_from) if loaded_from and Path(loaded_from).is_dir() else None)
-    with ArtifactWriter(out_dir, source=source, overwrite=overwrite, resume=resume) as writer:
+    with ArtifactWriter(out_dir, source=source.origin(), overwrite=overwrite, resume=resume) as writer:
         state = writer.state
         if state is not None:
             if state["config"] != config.to_dict():
@@ -594,22 +542,16 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
         elif calibration is None:
             calibration = calibration_for(model, config, tokenizer)
         else:
-            from gptq_plugins.validate import degenerate_calibration
-
-            calibration = CalibrationSet.of(calibration)
-            problem = degenerate_calibration(calibration.token_ids, getattr(model.config, "pad_token_id", None),
-                                             "calibration")
-            if problem:
-                raise CalibrationError(problem)
+            calibration = given_calibration(calibration, model)
         rows: list[dict] = state["rows"] if state else []
         store = ActivationStore(writer.scratch, offload=offload_activations, device=device)
         if checkpoint is not None:  # embeddings and the like; the head is never needed
             for name, module in model.named_children():
                 materialize(module, f"{name}.", checkpoint, device, skip=(layout.blocks + ".", *layout.keep_float),
                             rename=layout.checkpoint_name)
-            source = StreamedBlocks(blocks, layout, checkpoint, device)
+            blocks_from = StreamedBlocks(blocks, layout, checkpoint, device)
         else:
-            source = LoadedBlocks(blocks, device)
+            blocks_from = LoadedBlocks(blocks, device)
         if state is None:
             writer.scratch.mkdir(exist_ok=True)
             np.save(writer.scratch / "calibration.npy", calibration.token_ids.numpy(), allow_pickle=False)
@@ -622,7 +564,7 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
             writer.checkpoint({"config": config.to_dict(), "next_block": index + 1, "rows": rows,
                                "calibration": {"dataset": calibration.dataset, "seed": calibration.seed}})
 
-        run_blocks(model, source, layout, config, calibration.token_ids, store, device=device,
+        run_blocks(model, blocks_from, layout, config, calibration.token_ids, store, device=device,
                    start=state["next_block"] if state else 0, progress=progress, on_block_done=checkpoint_block)
         quantized = quantized_paths(layout, blocks)
         if checkpoint is not None:

@@ -117,8 +117,8 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
 
     def _quantize(self, model) -> None:
         """Run the core pipeline on the loaded float model and swap in the quantized Linears."""
-        from gptq_plugins.pipeline import (calibration_for, load_tokenizer, quantization_config_for,
-                                           quantize_modules, resolve_run_options)
+        from gptq_plugins.model_loading import calibration_for, load_tokenizer
+        from gptq_plugins.pipeline import quantization_config_for, quantize_modules, resolve_run_options
         from gptq_plugins.quant_linear import QuantLinear
 
         config = resolve_run_options(self.quantization_config.quantize_config, model.device)
