@@ -82,13 +82,10 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, bos: 
 def quantize_rtn_in_place(model: torch.nn.Module, config: QuantizeConfig) -> None:
     """Round every Linear GPTQ would quantize to the nearest grid point: the baseline GPTQ must beat."""
     from gptq_plugins.linear_weights import read_weight, write_weight
-    from gptq_plugins.pipeline import check_layers, layout_for
+    from gptq_plugins.preparation import prepare_blocks
     from gptq_plugins.solver import rtn
 
-    layout = layout_for(model)
-    layout.prepare(model)
-    blocks = layout.block_list(model)
-    check_layers(blocks, layout, config)
+    layout, _blocks = prepare_blocks(model, config)
     for layer in layout.linears(model).values():
         write_weight(layer, rtn(read_weight(layer), config).dequantize())
 

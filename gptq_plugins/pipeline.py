@@ -21,11 +21,12 @@ from tqdm.auto import tqdm
 
 from gptq_plugins.calibration import CalibrationError, CalibrationSet
 from gptq_plugins.config import ConfigError, QuantizeConfig
-from gptq_plugins.hessian import AsymmetryAccumulator, HessianAccumulator, resolve_hessian_dtype
-from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
+from gptq_plugins.hessian import AsymmetryAccumulator, HessianAccumulator
+from gptq_plugins.layouts import ModelLayout
 from gptq_plugins.linear_weights import features, read_weight, write_weight
 from gptq_plugins.model_loading import calibration_for, given_calibration, open_source
 from gptq_plugins.packing import pack_quantized
+from gptq_plugins.preparation import layout_for, prepare_blocks, resolve_run_options
 from gptq_plugins.report import summarize
 from gptq_plugins.solver import QuantizedWeight, quantize_weight, rtn
 
@@ -47,15 +48,6 @@ class BatchContext:
     rows: slice  # the batch's rows in the `[samples, seq, hidden]` activations
     args: tuple
     kwargs: dict
-
-
-def layout_for(model: torch.nn.Module) -> ModelLayout:
-    from gptq_plugins.plugins import model_layouts
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type is None:
-        raise UnsupportedModelError(f"{type(model).__name__} has no config.model_type")
-    return find_layout(model_type, model_layouts())
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -414,12 +406,6 @@ def _report(config: QuantizeConfig, layout: ModelLayout, rows: list[dict], devic
             "layers": rows}
 
 
-def resolve_run_options(config: QuantizeConfig, device: torch.device | str) -> QuantizeConfig:
-    """`config` with the options that depend on the machine (`hessian_dtype=auto`) made concrete,
-    so the run, its report and the artifact's metadata all say what actually ran."""
-    return config.replace(hessian_dtype=resolve_hessian_dtype(config.hessian_dtype, device))
-
-
 def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration: CalibrationSet | torch.Tensor, *,
                      layout: ModelLayout | None = None, device: str | torch.device | None = None,
                      progress: bool = True, on_block_done=None) -> tuple[dict[str, QuantizedWeight], dict]:
@@ -430,10 +416,7 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
     """
     from gptq_plugins.streaming import ActivationStore
 
-    layout = layout or layout_for(model)
-    layout.prepare(model)
-    blocks = layout.block_list(model)
-    check_layers(blocks, layout, config)
+    layout, blocks = prepare_blocks(model, config, layout)
     device = torch.device(device) if device else next(model.parameters()).device
     config = resolve_run_options(config, device)
     results: dict[str, QuantizedWeight] = {}
@@ -449,16 +432,6 @@ def quantize_modules(model: torch.nn.Module, config: QuantizeConfig, calibration
                ActivationStore(None, device=device),
                device=device, progress=progress, on_block_done=done)
     return results, _report(config, layout, rows, device)
-
-
-def check_layers(blocks, layout: ModelLayout, config: QuantizeConfig) -> None:
-    """Fail before any heavy work if a Linear is missing or cannot be stored with these options."""
-    if config.gptaq and layout.experts is not None:
-        raise ConfigError("gptaq", f"not available for {layout.name} models: the float and the quantized "
-                          "model route tokens to different experts, so their inputs cannot be paired")
-    for index, block in enumerate(blocks):
-        for path, shape in layout.block_shapes(index, block).items():
-            config.check_layer(*shape, name=path)
 
 
 def packed_tensors(path: str, result: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -526,10 +499,7 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
 
     source = open_source(model_or_path, streaming=streaming, trust_remote_code=trust_remote_code)
     model, tokenizer, source_dir, checkpoint = source.model, source.tokenizer, source.directory, source.checkpoint
-    layout = layout_for(model)
-    layout.prepare(model)
-    blocks = layout.block_list(model)
-    check_layers(blocks, layout, config)
+    layout, blocks = prepare_blocks(model, config)
     device = torch.device(device) if device else torch.device("cpu") if checkpoint else next(model.parameters()).device
     config = resolve_run_options(config, device)
     with ArtifactWriter(out_dir, source=source.origin(), overwrite=overwrite, resume=resume) as writer:
