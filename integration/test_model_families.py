@@ -171,7 +171,7 @@ def same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 def test_each_block_gets_the_arguments_the_model_gives_it():
     """Gemma 3's sliding and full attention blocks receive different masks and rotary tables."""
-    from gptq_plugins.pipeline import capture_block_inputs
+    from gptq_plugins.capture import capture_block_inputs
     from gptq_plugins.preparation import layout_for
 
     model = config_model("gemma3_text")
