@@ -117,8 +117,9 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
 
     def _quantize(self, model) -> None:
         """Run the core pipeline on the loaded float model and swap in the quantized Linears."""
+        from gptq_plugins.assembly import quantization_config_for
         from gptq_plugins.model_loading import calibration_for, load_tokenizer
-        from gptq_plugins.pipeline import quantization_config_for, quantize_modules
+        from gptq_plugins.pipeline import quantize_modules
         from gptq_plugins.preparation import resolve_run_options
         from gptq_plugins.quant_linear import QuantLinear
 
