@@ -122,7 +122,7 @@ class Bench:
     def __init__(self, subject: Subject, eval_tokens: int):
         from gptq_plugins.calibration import added_bos
         from gptq_plugins.evaluate import heldout_tokens
-        from gptq_plugins.pipeline import load_model
+        from gptq_plugins.model_loading import load_model
 
         self.subject = subject
         if subject.name == "reference":
@@ -155,7 +155,7 @@ class Bench:
         return QuantizeConfig(**{**options, **sizes})
 
     def calibration(self, config) -> "CalibrationSet":
-        from gptq_plugins.calibration import load_calibration
+        from gptq_plugins.plugins import load_calibration
 
         key = config.num_samples, config.seq_len, config.seed
         if key not in self.calibrations:

@@ -84,7 +84,7 @@ def training_batches(stream: torch.Tensor, recipe: dict):
 def train(out_dir: Path, recipe: dict) -> dict:
     """Build the tokenizer and the initial model, train it, save both at `out_dir`; return stats."""
     from gptq_plugins.calibration import builtin_documents, tokenize_documents
-    from gptq_plugins.pipeline import load_model
+    from gptq_plugins.model_loading import load_model
     from gptq_plugins.testing import build_tiny_model
 
     torch.set_num_threads(recipe["threads"])

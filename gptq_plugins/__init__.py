@@ -4,10 +4,9 @@ Importing the package loads installed plugins (entry-point group ``gptq_plugins`
 adapters such as the Transformers one register themselves on ``import gptq_plugins``.
 """
 
-__version__ = "0.1.0"
-
-from gptq_plugins.config import ConfigError, QuantizeConfig  # noqa: E402
-from gptq_plugins.hookspecs import hookimpl  # noqa: E402
+from gptq_plugins.config import ConfigError, QuantizeConfig
+from gptq_plugins.hookspecs import hookimpl
+from gptq_plugins.version import __version__
 
 
 def quantize_model(*args, **kwargs):

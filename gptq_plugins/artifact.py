@@ -374,6 +374,17 @@ def read_weight_map(path: Path) -> dict[str, str]:
     return found
 
 
+def read_headers(path: Path, files) -> dict[str, tuple[str, list[int]]]:
+    """`{tensor: (dtype, shape)}` from the headers of the safetensors `files` in `path`; reads no tensor data."""
+    headers = {}
+    for file in sorted(set(files)):
+        with safe_open(str(path / file), framework="pt") as f:
+            for name in f.keys():
+                tensor_slice = f.get_slice(name)
+                headers[name] = (tensor_slice.get_dtype(), list(tensor_slice.get_shape()))
+    return headers
+
+
 def verify_checksums(artifact: Artifact) -> int:
     """Compare every shard with the sha256 recorded when it was written; returns how many were checked
     (0 for artifacts of other writers). Reads every byte, so hosts skip it; `inspect` runs it."""
@@ -406,12 +417,7 @@ def _validate_tensors(artifact: Artifact) -> dict[str, QuantizedModule]:
     if orphans:
         raise ArtifactError(f"{artifact.path / artifact.weight_map[orphans[0]]}: tensor {orphans[0]!r} "
                             "has no matching .qweight")
-    metas: dict[str, tuple[torch.dtype, list[int]]] = {}
-    for file in sorted(set(artifact.weight_map.values())):
-        with safe_open(str(artifact.path / file), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                metas[name] = (sl.get_dtype(), list(sl.get_shape()))
+    metas = read_headers(artifact.path, artifact.weight_map.values())
     for prefix in prefixes:
         def expect(suffix, dtype, shape):
             name = f"{prefix}.{suffix}"

@@ -2,7 +2,8 @@
 
 `builtin` needs no network and ships no copied text: prose from the documentation topics of
 `pydoc_data.topics` and the sources of the standard library. Every tenth document is held out
-for evaluation and never used for calibration.
+for evaluation and never used for calibration. Sources are found by name through the plugin hook
+(`plugins.load_calibration`), whose core implementation calls this module.
 """
 
 from __future__ import annotations
@@ -168,16 +169,19 @@ def file_calibration(path: str, config: QuantizeConfig, tokenizer, seq_len: int)
     return windows(stream, config.num_samples, seq_len, config.seed, path, bos=added_bos(tokenizer))
 
 
-def load_calibration(config: QuantizeConfig, tokenizer, seq_len: int | None = None) -> CalibrationSet:
-    """Calibration token ids `[num_samples, seq_len]` from the source the config names.
+def degenerate_calibration(ids: torch.Tensor, pad_token_id: int | None, source: str) -> str | None:
+    """Why `ids` cannot calibrate anything, or None.
 
-    Sources are a hook (`gptq_plugins_calibration_source`), so plugins can add their own.
+    A single repeated token gives every position the same first-block input; the pad token's
+    embedding is usually zero, so its activations (and Hessians) are all zero, and GPTQ would
+    zero every weight without any numerical error to notice.
     """
-    from gptq_plugins.plugins import get_plugin_manager
-
-    seq_len = seq_len or config.seq_len
-    ids = get_plugin_manager().hook.gptq_plugins_calibration_source(
-        name=config.dataset, config=config, tokenizer=tokenizer, seq_len=seq_len)
-    if ids is None:
-        raise ConfigError("dataset", f"no calibration source named {config.dataset!r}")
-    return CalibrationSet(ids, config.dataset, config.seed)
+    if ids.numel() == 0:
+        return f"dataset {source!r}: no calibration tokens; expected num_samples x seq_len token ids"
+    distinct = torch.unique(ids)
+    if distinct.numel() > 1:
+        return None
+    token = int(distinct[0])
+    what = " (the pad token, whose activations are all zero)" if token == pad_token_id else ""
+    return (f"dataset {source!r}: all {ids.numel()} calibration tokens are id {token}{what}; "
+            "expected varied text or token ids")

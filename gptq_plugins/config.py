@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gptq_plugins.foreign_keys import KNOWN_FOREIGN_KEYS, loading_problem
+from gptq_plugins.packed_words import whole_words_problem
 
 log = logging.getLogger("gptq_plugins")
 
@@ -147,12 +148,12 @@ class QuantizeConfig:
 
     def check_layer(self, in_features: int, out_features: int | None = None, name: str = "layer"):
         """Raise `ConfigError` when a layer of this shape cannot be stored with these options."""
-        if (in_features * self.bits) % 32:
-            raise ConfigError("bits", f"{name}: input size {in_features} x {self.bits} bits is "
-                              "not a whole number of 32-bit words")
-        if out_features is not None and (out_features * self.bits) % 32:
-            raise ConfigError("bits", f"{name}: output size {out_features} x {self.bits} bits is "
-                              "not a whole number of 32-bit words (qzeros packing)")
+        problem = whole_words_problem(in_features, self.bits, f"{name}: input size {in_features}")
+        if out_features is not None and not problem:
+            problem = whole_words_problem(out_features, self.bits, f"{name}: output size {out_features}",
+                                          " (qzeros packing)")
+        if problem:
+            raise ConfigError("bits", problem)
 
     def replace(self, **changes) -> "QuantizeConfig":
         return dataclasses.replace(self, **changes)
@@ -162,7 +163,7 @@ class QuantizeConfig:
                                modules_not_to_convert: list[str] | None = None) -> dict[str, Any]:
         """The `quantization_config` block of `config.json` (JSON-clean)."""
         if version is None:
-            from gptq_plugins import __version__ as version
+            from gptq_plugins.version import __version__ as version
         out: dict[str, Any] = {"quant_method": QUANT_METHOD if self.format == "gptq_plugins" else "gptq"}
         for f in fields(self):
             if f.metadata["artifact"]:

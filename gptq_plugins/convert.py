@@ -50,7 +50,7 @@ def _link_or_copy(src: Path, dst: Path) -> bool:
 def _with_writer_mark(meta) -> dict:
     """`meta` with our entry added to its `quantizer` list (other writers' entries kept), so the
     converted checkpoint is known as our output (see `artifact.output_problem`)."""
-    from gptq_plugins import __version__
+    from gptq_plugins.version import __version__
 
     meta = dict(meta) if isinstance(meta, dict) else {}
     writers = meta.get("quantizer") or []

@@ -82,13 +82,10 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, bos: 
 def quantize_rtn_in_place(model: torch.nn.Module, config: QuantizeConfig) -> None:
     """Round every Linear GPTQ would quantize to the nearest grid point: the baseline GPTQ must beat."""
     from gptq_plugins.linear_weights import read_weight, write_weight
-    from gptq_plugins.pipeline import check_layers, layout_for
+    from gptq_plugins.preparation import prepare_blocks
     from gptq_plugins.solver import rtn
 
-    layout = layout_for(model)
-    layout.prepare(model)
-    blocks = layout.block_list(model)
-    check_layers(blocks, layout, config)
+    layout, _blocks = prepare_blocks(model, config)
     for layer in layout.linears(model).values():
         write_weight(layer, rtn(read_weight(layer), config).dequantize())
 
@@ -108,7 +105,7 @@ def load_for_eval(path: str | os.PathLike, *, trust_remote_code: bool = False):
     loaded by `AutoModelForCausalLM.from_pretrained`, which hands them to the Transformers adapter.
     """
     from gptq_plugins.artifact import ArtifactError, read_artifact
-    from gptq_plugins.pipeline import load_model
+    from gptq_plugins.model_loading import load_model
 
     path = Path(path)
     quantization = _quantization_config(path)
@@ -129,7 +126,7 @@ def evaluate(path: str | os.PathLike, *, dataset: str = "builtin", seq_len: int 
              max_tokens: int | None = None, trust_remote_code: bool = False) -> dict:
     """Perplexity of the model or artifact at `path` on held-out text, as a JSON-clean report."""
     from gptq_plugins.calibration import added_bos
-    from gptq_plugins.pipeline import context_length
+    from gptq_plugins.model_loading import context_length
 
     if max_tokens is not None and max_tokens <= 0:
         raise ConfigError("max_tokens", f"expected a positive integer, got {max_tokens}")

@@ -12,25 +12,16 @@ Every kernel in ``gptq_plugins.kernels`` must be bit-identical to these function
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from gptq_plugins.config import SUPPORTED_BITS
-
-WORD_BITS = 32
+from gptq_plugins.packed_words import WORD_BITS, packing_period, whole_words_problem
 
 
 def check_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits: expected one of {list(SUPPORTED_BITS)}, got {bits!r}")
     return bits
-
-
-def packing_period(bits: int) -> tuple[int, int]:
-    """(values, words): the smallest run of values that fills whole words (3 bits: 32 in 3)."""
-    values = WORD_BITS // math.gcd(WORD_BITS, bits)
-    return values, values * bits // WORD_BITS
 
 
 def check_codes(values: torch.Tensor, bits: int, name: str, low: int = 0) -> None:
@@ -46,9 +37,10 @@ def check_codes(values: torch.Tensor, bits: int, name: str, low: int = 0) -> Non
 
 
 def _check_packable_length(n: int, bits: int, name: str) -> None:
-    if (n * bits) % WORD_BITS:
-        raise ValueError(f"{name}: {n} values x {bits} bits is not a whole number of 32-bit "
-                         f"words (need a multiple of {packing_period(bits)[0]})")
+    problem = whole_words_problem(n, bits, f"{name}: {n} values",
+                                  f" (need a multiple of {packing_period(bits)[0]})")
+    if problem:
+        raise ValueError(problem)
 
 
 def check_packable(values: torch.Tensor, bits: int, low: int = 0) -> tuple[int, int]:

@@ -51,3 +51,17 @@ def describe_plugins() -> list[tuple[str, str, str]]:
         text = impl() if impl else "hooks: " + ", ".join(hooks)
         rows.append((name, dists.get(id(plugin), "gptq-plugins (core)"), text))
     return rows
+
+
+def load_calibration(config, tokenizer, seq_len: int | None = None):
+    """Calibration token ids `[num_samples, seq_len]` from the source the config names, as a
+    `CalibrationSet`; sources are a hook (`gptq_plugins_calibration_source`), so plugins can add theirs."""
+    from gptq_plugins.calibration import CalibrationSet
+    from gptq_plugins.config import ConfigError
+
+    seq_len = seq_len or config.seq_len
+    ids = get_plugin_manager().hook.gptq_plugins_calibration_source(
+        name=config.dataset, config=config, tokenizer=tokenizer, seq_len=seq_len)
+    if ids is None:
+        raise ConfigError("dataset", f"no calibration source named {config.dataset!r}")
+    return CalibrationSet(ids, config.dataset, config.seed)

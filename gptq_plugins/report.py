@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gptq_plugins.cpu_features import cpu_features
+
 
 def summarize(rows: list[dict]) -> dict:
     """Aggregate figures over layer rows (means of relative errors, totals of time)."""
@@ -19,6 +21,13 @@ def summarize(rows: list[dict]) -> dict:
         "fallbacks": [r["name"] for r in rows if r.get("fallback")],
         "damping_escalated": [r["name"] for r in rows if r.get("damping_escalated")],
     }
+
+
+def run_report(config, layout, rows: list[dict], device) -> dict:
+    """The report: options (machine-dependent ones as they ran), where it ran, summary, per-layer rows."""
+    machine = {"device": str(device), "cpu": cpu_features().as_dict()}
+    return {"config": config.to_dict(), "layout": layout.name, "machine": machine, "summary": summarize(rows),
+            "layers": rows}
 
 
 def plot_report(report: dict, path: Path) -> None:

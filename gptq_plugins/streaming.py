@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from gptq_plugins.artifact import read_weight_map
+from gptq_plugins.artifact import read_headers, read_weight_map
 
 
 class SourceCheckpoint:
@@ -42,6 +42,11 @@ class SourceCheckpoint:
     def stored_name(self, name: str) -> str:
         """Model tensor `name` as the checkpoint spells it."""
         return name.removeprefix(self.added_prefix)
+
+    def headers(self) -> dict[str, tuple[str, list[int]]]:
+        """`{model name: (dtype, shape)}` of every tensor, from the file headers alone."""
+        return {self.added_prefix + name: header
+                for name, header in read_headers(self.path, self.weight_map.values()).items()}
 
     def tensors(self, names) -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}

@@ -115,7 +115,7 @@ def dequantized_reference(model_dir: str | os.PathLike, artifact_dir: str | os.P
     from gptq_plugins.artifact import read_artifact
     from gptq_plugins.linear_weights import write_weight
     from gptq_plugins.packing import dequantize_packed
-    from gptq_plugins.pipeline import layout_for
+    from gptq_plugins.preparation import layout_for
 
     artifact = read_artifact(artifact_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

@@ -18,10 +18,11 @@ import torch
 from safetensors import safe_open
 
 from gptq_plugins.artifact import ArtifactError, output_problem, read_model_config
-from gptq_plugins.calibration import CalibrationSet
+from gptq_plugins.calibration import CalibrationError, CalibrationSet, degenerate_calibration
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
 from gptq_plugins.linear_weights import features
+from gptq_plugins.model_loading import calibration_for, load_tokenizer
 from gptq_plugins.streaming import SourceCheckpoint, empty_model
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -135,7 +136,7 @@ def _weight_problems(model_dir: Path, reference: torch.nn.Module, layout: ModelL
             return problems + [str(err)]
         return problems + [f"{model_dir}: weights only in {', '.join(pickles)}; expected safetensors files "
                            "(pickle files are never unpickled: convert them with safetensors first)"]
-    headers = _headers(checkpoint)
+    headers = checkpoint.headers()
     kept_float = tuple(f"{module}." for module in layout.keep_float)  # never read (e.g. a tied head)
     for model_name, tensor in reference.state_dict().items():
         name = layout.checkpoint_name(model_name)
@@ -167,20 +168,6 @@ def _option_problems(linears: dict[str, torch.nn.Module], config: QuantizeConfig
     for option, errors in failures.items():
         problems.append(str(errors[0]) + (f" (and {len(errors) - 1} more layers)" if len(errors) > 1 else ""))
     return problems
-
-
-def _headers(checkpoint: SourceCheckpoint) -> dict[str, tuple[str, list[int]]]:
-    """`{model name: (dtype, shape)}` from the safetensors headers (no tensor data is read)."""
-    by_file: dict[str, list[str]] = {}
-    for name, file in checkpoint.weight_map.items():
-        by_file.setdefault(file, []).append(name)
-    headers = {}
-    for file, names in sorted(by_file.items()):
-        with safe_open(str(checkpoint.path / file), framework="pt") as f:
-            for name in names:
-                tensor_slice = f.get_slice(checkpoint.stored_name(name))
-                headers[name] = (tensor_slice.get_dtype(), tensor_slice.get_shape())
-    return headers
 
 
 def _non_finite_problems(checkpoint: SourceCheckpoint, headers: dict[str, tuple[str, list[int]]]) -> list[str]:
@@ -220,9 +207,6 @@ def _count_non_finite(f, name: str, shape: list[int]) -> int:
 
 def _calibration(model_dir: Path, reference: torch.nn.Module, config: QuantizeConfig, trust_remote_code: bool):
     """(CalibrationSet, problems): the calibration windows the run will use, drawn now."""
-    from gptq_plugins.calibration import CalibrationError
-    from gptq_plugins.pipeline import calibration_for, load_tokenizer
-
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     try:
         calibration = calibration_for(reference, config, tokenizer)
@@ -233,21 +217,3 @@ def _calibration(model_dir: Path, reference: torch.nn.Module, config: QuantizeCo
     problem = degenerate_calibration(calibration.token_ids, getattr(reference.config, "pad_token_id", None),
                                      config.dataset)
     return calibration, [problem] if problem else []
-
-
-def degenerate_calibration(ids: torch.Tensor, pad_token_id: int | None, source: str) -> str | None:
-    """Why `ids` cannot calibrate anything, or None.
-
-    A single repeated token gives every position the same first-block input; the pad token's
-    embedding is usually zero, so its activations (and Hessians) are all zero, and GPTQ would
-    zero every weight without any numerical error to notice.
-    """
-    if ids.numel() == 0:
-        return f"dataset {source!r}: no calibration tokens; expected num_samples x seq_len token ids"
-    distinct = torch.unique(ids)
-    if distinct.numel() > 1:
-        return None
-    token = int(distinct[0])
-    what = " (the pad token, whose activations are all zero)" if token == pad_token_id else ""
-    return (f"dataset {source!r}: all {ids.numel()} calibration tokens are id {token}{what}; "
-            "expected varied text or token ids")

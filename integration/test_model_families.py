@@ -150,7 +150,7 @@ def vllm_results(families, tmp_path_factory):
 def test_layout_names_every_linear_of_every_block(family):
     """Nothing in a block is left in float by omission, and nothing named is missing."""
     from gptq_plugins.linear_weights import is_quantizable
-    from gptq_plugins.pipeline import layout_for
+    from gptq_plugins.preparation import layout_for
 
     model = config_model(family)
     layout = layout_for(model)
@@ -171,7 +171,8 @@ def same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 def test_each_block_gets_the_arguments_the_model_gives_it():
     """Gemma 3's sliding and full attention blocks receive different masks and rotary tables."""
-    from gptq_plugins.pipeline import capture_block_inputs, layout_for
+    from gptq_plugins.capture import capture_block_inputs
+    from gptq_plugins.preparation import layout_for
 
     model = config_model("gemma3_text")
     blocks = layout_for(model).block_list(model)
@@ -197,7 +198,7 @@ def test_each_block_gets_the_arguments_the_model_gives_it():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_transformers_loads_the_artifact_as_its_dequantized_weights(families, transformers_tokens, family):
     from gptq_plugins.artifact import read_artifact
-    from gptq_plugins.pipeline import layout_for
+    from gptq_plugins.preparation import layout_for
     from gptq_plugins.testing import dequantized_reference, greedy_tokens
 
     model_dir, artifact = families[family]

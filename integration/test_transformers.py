@@ -21,7 +21,8 @@ from gptq_plugins.artifact import ArtifactError, read_artifact
 from gptq_plugins.cli import main as gptq_plugins_cli
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.packing import dequantize_packed
-from gptq_plugins.pipeline import calibration_for, load_model, quantize_model
+from gptq_plugins.model_loading import calibration_for, load_model
+from gptq_plugins.pipeline import quantize_model
 from gptq_plugins.quant_linear import QuantLinear
 from gptq_plugins.testing import build_tiny_model, read_tensors, greedy_tokens, greedy_tokens_transformers
 from gptq_plugins_transformers import GPTQPluginsConfig

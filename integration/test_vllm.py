@@ -150,7 +150,8 @@ def artifacts(model_dir, tmp_path_factory):
 
     from gptq_plugins.cli import main as gptq_plugins_cli
     from gptq_plugins.config import QuantizeConfig
-    from gptq_plugins.pipeline import calibration_for, load_model, quantize_model
+    from gptq_plugins.model_loading import calibration_for, load_model
+    from gptq_plugins.pipeline import quantize_model
 
     out = tmp_path_factory.mktemp("artifacts")
     model, tokenizer = load_model(model_dir)

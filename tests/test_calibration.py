@@ -7,10 +7,10 @@ import pytest
 import torch
 from tokenizers import processors
 
-from gptq_plugins.calibration import (_shuffled, added_bos, builtin_documents, load_calibration,
-                                      tokenize_documents, windows)
+from gptq_plugins.calibration import _shuffled, added_bos, builtin_documents, tokenize_documents, windows
 from gptq_plugins.config import QuantizeConfig
 from gptq_plugins.evaluate import perplexity
+from gptq_plugins.plugins import load_calibration
 from gptq_plugins.testing import build_tokenizer
 
 

@@ -10,7 +10,8 @@ import torch
 from gptq_plugins.cli import main
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.evaluate import heldout_tokens, perplexity, quantize_rtn_in_place
-from gptq_plugins.pipeline import load_model, quantize_model, quantize_modules
+from gptq_plugins.model_loading import load_model
+from gptq_plugins.pipeline import quantize_model, quantize_modules
 from gptq_plugins.testing import build_tiny_model
 
 VOCAB = 256
@@ -99,7 +100,7 @@ def test_eval_rejects_a_dataset_that_is_not_text(uniform_model_dir, tmp_path, ca
 def test_versioned_license_names_read_as_text(tmp_path, uniform_model_dir):
     """Debian's common-licenses/Apache-2.0 has no extension: '.0' is a version, not a format."""
     from gptq_plugins.evaluate import heldout_tokens
-    from gptq_plugins.pipeline import load_tokenizer
+    from gptq_plugins.model_loading import load_tokenizer
 
     text = tmp_path / "Apache-2.0"
     text.write_text("Licensed under the Apache License, Version 2.0. " * 20)

@@ -43,7 +43,7 @@ def test_unfusing_refuses_experts_it_would_misread():
 
 
 def test_options_are_checked_on_the_experts_before_any_weight_loads():
-    from gptq_plugins.pipeline import check_layers, layout_for
+    from gptq_plugins.preparation import check_layers, layout_for
 
     model = mixtral()
     layout = layout_for(model)

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from gptq_plugins.packing import (dequantize_packed, pack_quantized, pack_rows, packing_period,
-                                  unpack_rows)
+from gptq_plugins.packed_words import packing_period
+from gptq_plugins.packing import dequantize_packed, pack_quantized, pack_rows, unpack_rows
 from gptq_plugins.solver import QuantizedWeight
 
 BITS = (2, 3, 4, 8)

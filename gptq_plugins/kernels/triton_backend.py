@@ -9,7 +9,7 @@ import importlib.util
 
 import torch
 
-ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
+from gptq_plugins.kernels.triton_dtypes import ACTIVATION_DTYPES
 
 
 class TritonBackend:

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gptq_plugins.packing import WORD_BITS, check_packable, check_packed, pack_quantized_with
+from gptq_plugins.packed_words import WORD_BITS
+from gptq_plugins.packing import check_packable, check_packed, pack_quantized_with
 
 # Set when triton was imported under TRITON_INTERPRET=1: kernels then avoid the interpreter's
 # gaps (bfloat16 is held as uint16, so `tl.dot` on it is wrong and casts to it truncate).

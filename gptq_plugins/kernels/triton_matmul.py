@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptq_plugins.kernels.triton_backend import ACTIVATION_DTYPES
+from gptq_plugins.kernels.triton_dtypes import ACTIVATION_DTYPES
 from gptq_plugins.kernels.triton_layout import INTERPRETED, dequantize_tile, round_to
 from gptq_plugins.packing import check_packed
 

@@ -60,14 +60,14 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
             self._swap_in_quant_linears(model, read_artifact(Path(checkpoint_files[0]).parent))
         else:
             # Fail before the float weights load when the model cannot be quantized with these options.
-            from gptq_plugins.pipeline import check_layers, layout_for
+            from gptq_plugins.preparation import check_layers, layout_for
 
             layout = layout_for(model)
             check_layers(layout.block_list(model), layout, self.quantization_config.quantize_config)
 
     def _swap_in_quant_linears(self, model, artifact) -> None:
         from gptq_plugins.layouts import UnsupportedModelError
-        from gptq_plugins.pipeline import layout_for
+        from gptq_plugins.preparation import layout_for
         from gptq_plugins.quant_linear import QuantLinear
 
         config = artifact.config
@@ -117,8 +117,10 @@ class GPTQPluginsHfQuantizer(HfQuantizer):
 
     def _quantize(self, model) -> None:
         """Run the core pipeline on the loaded float model and swap in the quantized Linears."""
-        from gptq_plugins.pipeline import (calibration_for, load_tokenizer, quantization_config_for,
-                                           quantize_modules, resolve_run_options)
+        from gptq_plugins.assembly import quantization_config_for
+        from gptq_plugins.model_loading import calibration_for, load_tokenizer
+        from gptq_plugins.pipeline import quantize_modules
+        from gptq_plugins.preparation import resolve_run_options
         from gptq_plugins.quant_linear import QuantLinear
 
         config = resolve_run_options(self.quantization_config.quantize_config, model.device)

@@ -23,7 +23,8 @@ from vllm.model_executor.parameter import (
     RowvLLMParameter,
 )
 
-from gptq_plugins.packing import WORD_BITS, check_group_indices, pack_rows
+from gptq_plugins.packed_words import WORD_BITS, whole_words_problem
+from gptq_plugins.packing import check_group_indices, pack_rows
 from gptq_plugins.quant_linear import QuantLinear
 
 
@@ -101,9 +102,9 @@ class GPTQPluginsLinearMethod(LinearMethodBase):
         row_parallel = input_size_per_partition != input_size
         tp_note = "per tensor-parallel rank; use a smaller --tensor-parallel-size"
         for size in (*output_partition_sizes, input_size_per_partition):
-            if size * bits % WORD_BITS:
-                raise ValueError(f"{name}: a {size}-wide slice x {bits} bits is not a whole number of "
-                                 f"32-bit words {tp_note}")
+            problem = whole_words_problem(size, bits, f"{name}: a {size}-wide slice", f" {tp_note}")
+            if problem:
+                raise ValueError(problem)
         # A row-parallel rank keeps the groups of its own columns when its slice holds whole
         # groups. Otherwise (act-order, where any column may use any group, or a slice that starts
         # inside a group) it keeps every group's scales and zeros and only its slice of g_idx.

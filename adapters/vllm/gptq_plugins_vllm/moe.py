@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 
-from gptq_plugins.packing import WORD_BITS, check_group_indices
+from gptq_plugins.packed_words import WORD_BITS, whole_words_problem
+from gptq_plugins.packing import check_group_indices
 from gptq_plugins.quant_linear import QuantLinear
 
 # Gated activations: the expert computes down(act(w1 x) * w3 x).
@@ -57,9 +58,10 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
         self.options.check_layer(hidden_size, full_size, name=f"{name}.w13")
         self.options.check_layer(full_size, hidden_size, name=f"{name}.w2")
         tp_note = "per tensor-parallel rank; use a smaller --tensor-parallel-size"
-        if rank_size * bits % WORD_BITS:
-            raise ValueError(f"{name}: a {rank_size}-wide intermediate slice x {bits} bits is not a whole "
-                             f"number of 32-bit words {tp_note}")
+        problem = whole_words_problem(rank_size, bits, f"{name}: a {rank_size}-wide intermediate slice",
+                                      f" {tp_note}")
+        if problem:
+            raise ValueError(problem)
         group_size = self.options.group_size_for(full_size)
         # As in row-parallel Linears: without act-order a rank keeps the groups of its own w2 rows
         # when they hold whole groups; otherwise every group, and its slice of g_idx.
