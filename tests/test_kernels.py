@@ -207,18 +207,26 @@ def _bf16_exact_scales(n_groups, out_features, seed):
     (480, 192, 32),  # ragged: 192, 192 and 96 share sub-groups of 32
 ])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_int4_conversion_reproduces_reference_exactly(in_features, group_size, op_group_size, act_order):
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int4_conversion_reproduces_reference_exactly(in_features, group_size, op_group_size, act_order, bits):
+    """2- and 3-bit codes are 4-bit codes with zero points in range: the same op, exactly."""
     out_features = 32
     n_groups = 1 if group_size == -1 else -(-in_features // group_size)
-    qw = random_quantized(out_features, in_features, 4, group_size, act_order, seed=1,
+    qw = random_quantized(out_features, in_features, bits, group_size, act_order, seed=bits,
                           scales=_bf16_exact_scales(n_groups, out_features, seed=1))
     packed = pack_quantized(qw)
-    weight = convert_to_int4pack(**packed)
+    weight = convert_to_int4pack(**packed, bits=bits)
     assert weight.op_group_size == op_group_size
     assert (weight.input_order is not None) == (act_order and n_groups > 1)
     # Identity activations read the converted weight back, act-order gather included.
     w_t = int4pack_matmul(torch.eye(in_features, dtype=torch.bfloat16), weight)
-    assert torch.equal(w_t.float().T, dequantize_packed(**packed, bits=4))
+    assert torch.equal(w_t.float().T, dequantize_packed(**packed, bits=bits))
+
+
+def test_int4_declines_codes_wider_than_the_op():
+    packed = pack_quantized(random_quantized(32, 64, 8, 32, act_order=False))
+    with pytest.raises(BackendUnsupported, match=r"bits=8: the int4 op holds codes of \[2, 3, 4\] bits"):
+        convert_to_int4pack(**packed, bits=8)
 
 
 @pytest.mark.parametrize("act_order", [False, True])

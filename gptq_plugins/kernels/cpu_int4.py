@@ -1,4 +1,4 @@
-"""4-bit GPTQ on CPU through PyTorch's native int4 kernels.
+"""2-, 3- and 4-bit GPTQ on CPU through PyTorch's native int4 kernels.
 
 `aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)` computes
 `x @ W.T` with `W[n, k] = (q[n, k] - 8) * scale[g, n] + offset[g, n]`, `g = k // group_size`
@@ -7,6 +7,8 @@
 for which the op is fast (0.4 ms against 15 ms in float32 for a 4096x4096 matvec). Scales
 that are not bfloat16-representable are rounded (relative error <= 2**-9, like the cast of
 the activations); symmetric grids (z = 8) have offset 0, so the zero point itself is exact.
+2- and 3-bit codes (0..3, 0..7) are 4-bit codes too and map the same way, so they run on the
+same kernel at the 4-bit kernel's memory instead of a dense copy.
 
 The op takes one scale per 32/64/128/256 inputs: larger groups (group_size=-1 is one group of
 in_features, a ragged last group is shorter) repeat their scale over sub-groups of a length that
@@ -23,6 +25,7 @@ import torch
 from gptq_plugins.kernels.base import BackendUnsupported
 from gptq_plugins.packing import check_packed, dequantize_packed, unpack_rows, unpack_zeros
 
+OP_BITS = (2, 3, 4)  # code widths whose codes fit the op's 4-bit codes
 OP_GROUP_SIZES = (256, 128, 64, 32)  # what the op accepts, largest (fewest scales) first
 OP_CODE_OFFSET = 8  # the op dequantizes (q - 8) * scale + offset
 OP_OUT_MULTIPLE = 16  # the op's packing needs out_features divisible by 16
@@ -39,9 +42,11 @@ class Int4PackedWeight:
     input_order: torch.Tensor | None  # act-order: activation columns in group order
 
 
-def convert_to_int4pack(qweight, qzeros, scales, g_idx) -> Int4PackedWeight:
-    """Convert a packed 4-bit GPTQ layer; raises BackendUnsupported for shapes the op lacks."""
-    in_features, out_features, n_groups = check_packed(qweight, qzeros, scales, g_idx, 4)
+def convert_to_int4pack(qweight, qzeros, scales, g_idx, bits: int = 4) -> Int4PackedWeight:
+    """Convert a packed 2/3/4-bit GPTQ layer; raises BackendUnsupported for shapes the op lacks."""
+    if bits not in OP_BITS:
+        raise BackendUnsupported(f"bits={bits}: the int4 op holds codes of {list(OP_BITS)} bits")
+    in_features, out_features, n_groups = check_packed(qweight, qzeros, scales, g_idx, bits)
     if out_features % OP_OUT_MULTIPLE:
         raise BackendUnsupported(f"out_features={out_features} is not a multiple of {OP_OUT_MULTIPLE}")
     # Sorting columns by group makes every group contiguous (act-order included); the op then
@@ -54,12 +59,12 @@ def convert_to_int4pack(qweight, qzeros, scales, g_idx) -> Int4PackedWeight:
         lengths = sorted(set(counts.tolist()))
         raise BackendUnsupported(f"groups of {lengths} columns: the op needs every group's length to be "
                                  f"a multiple of one of {list(OP_GROUP_SIZES)}")
-    codes = unpack_rows(qweight, 4, in_features)  # [in, out]
+    codes = unpack_rows(qweight, bits, in_features)  # [in, out]
     in_order = torch.equal(order, positions)
     if not in_order:
         codes = codes[order]
     scale = scales.to(torch.bfloat16)
-    offset = ((OP_CODE_OFFSET - unpack_zeros(qzeros, 4, out_features)) * scale.float()).to(torch.bfloat16)
+    offset = ((OP_CODE_OFFSET - unpack_zeros(qzeros, bits, out_features)) * scale.float()).to(torch.bfloat16)
     scales_and_zeros = torch.stack([scale, offset], dim=-1).repeat_interleave(counts // op_group_size, dim=0)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.T.contiguous(), INNER_K_TILES)
     return Int4PackedWeight(packed, scales_and_zeros.contiguous(), op_group_size,
@@ -77,7 +82,7 @@ def int4pack_matmul(x: torch.Tensor, weight: Int4PackedWeight) -> torch.Tensor:
 
 
 class CpuInt4Backend:
-    """4-bit layers on CPU through PyTorch's int4 kernel (see the module docstring)."""
+    """2/3/4-bit layers on CPU through PyTorch's int4 kernel (see the module docstring)."""
 
     name = "cpu_int4"
     priority = 50
@@ -86,12 +91,12 @@ class CpuInt4Backend:
         return torch.bfloat16  # the op's only fast activation dtype, on AVX2 and AVX-512 alike
 
     def supports(self, device_type, bits, group_size, desc_act, dtype) -> bool:
-        return (device_type == "cpu" and bits == 4 and dtype.is_floating_point
+        return (device_type == "cpu" and bits in OP_BITS and dtype.is_floating_point
                 and (group_size == -1 or group_size % min(OP_GROUP_SIZES) == 0)
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
     def prepare(self, layer) -> Int4PackedWeight:
-        return convert_to_int4pack(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
+        return convert_to_int4pack(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         return int4pack_matmul(x, layer.kernel_state)
