@@ -209,7 +209,7 @@ def _bf16_exact_scales(n_groups, out_features, seed):
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_int4_conversion_reproduces_reference_exactly(in_features, group_size, op_group_size, act_order, bits):
-    """2- and 3-bit codes are 4-bit codes with zero points in range: the same op, exactly."""
+    """2- and 3-bit codes shifted by their zero points are 4-bit codes: the same op, exactly."""
     out_features = 32
     n_groups = 1 if group_size == -1 else -(-in_features // group_size)
     qw = random_quantized(out_features, in_features, bits, group_size, act_order, seed=bits,
@@ -221,6 +221,8 @@ def test_int4_conversion_reproduces_reference_exactly(in_features, group_size, o
     # Identity activations read the converted weight back, act-order gather included.
     w_t = int4pack_matmul(torch.eye(in_features, dtype=torch.bfloat16), weight)
     assert torch.equal(w_t.float().T, dequantize_packed(**packed, bits=bits))
+    if bits < 4:  # the zero points live in the codes: no offset to round, whatever the scales
+        assert not weight.scales_and_zeros[..., 1].any()
 
 
 def test_int4_declines_codes_wider_than_the_op():

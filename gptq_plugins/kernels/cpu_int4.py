@@ -7,8 +7,9 @@
 for which the op is fast (0.4 ms against 15 ms in float32 for a 4096x4096 matvec). Scales
 that are not bfloat16-representable are rounded (relative error <= 2**-9, like the cast of
 the activations); symmetric grids (z = 8) have offset 0, so the zero point itself is exact.
-2- and 3-bit codes (0..3, 0..7) are 4-bit codes too and map the same way, so they run on the
-same kernel at the 4-bit kernel's memory instead of a dense copy.
+2- and 3-bit layers run on the same kernel at the 4-bit kernel's memory instead of a dense copy:
+their `q - z + 8` (0..14) are 4-bit codes, so the zero point moves into the codes and the offset
+is exactly 0, symmetric or not; only the scale is rounded to bfloat16.
 
 The op takes one scale per 32/64/128/256 inputs: larger groups (group_size=-1 is one group of
 in_features, a ragged last group is shorter) repeat their scale over sub-groups of a length that
@@ -60,11 +61,16 @@ def convert_to_int4pack(qweight, qzeros, scales, g_idx, bits: int = 4) -> Int4Pa
         raise BackendUnsupported(f"groups of {lengths} columns: the op needs every group's length to be "
                                  f"a multiple of one of {list(OP_GROUP_SIZES)}")
     codes = unpack_rows(qweight, bits, in_features)  # [in, out]
+    zeros = unpack_zeros(qzeros, bits, out_features)  # [n_groups, out]
+    scale = scales.to(torch.bfloat16)
+    if bits < 4:  # q - z + 8 stays in 0..15: the zero point moves into the codes, the offset is exactly 0
+        codes = codes - zeros[g_idx.long()] + OP_CODE_OFFSET
+        offset = torch.zeros_like(scale)
+    else:
+        offset = ((OP_CODE_OFFSET - zeros) * scale.float()).to(torch.bfloat16)
     in_order = torch.equal(order, positions)
     if not in_order:
         codes = codes[order]
-    scale = scales.to(torch.bfloat16)
-    offset = ((OP_CODE_OFFSET - unpack_zeros(qzeros, bits, out_features)) * scale.float()).to(torch.bfloat16)
     scales_and_zeros = torch.stack([scale, offset], dim=-1).repeat_interleave(counts // op_group_size, dim=0)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.T.contiguous(), INNER_K_TILES)
     return Int4PackedWeight(packed, scales_and_zeros.contiguous(), op_group_size,
