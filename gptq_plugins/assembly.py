@@ -75,8 +75,10 @@ def quantization_config_for(model, config: QuantizeConfig, calibration: Calibrat
 class ArtifactAssembly:
     """One run's artifact in the making, resumed from the partial output's checkpoint when there is one."""
 
-    def __init__(self, writer: ArtifactWriter, model: torch.nn.Module, layout: ModelLayout, config: QuantizeConfig):
+    def __init__(self, writer: ArtifactWriter, model: torch.nn.Module, layout: ModelLayout, config: QuantizeConfig,
+                 *, progress: bool = True):
         self.writer, self.model, self.layout, self.config = writer, model, layout, config
+        self.progress = progress
         self.state = writer.state
         if self.state is not None and self.state["config"] != config.to_dict():
             raise ConfigError("resume", f"the interrupted run used other options: {self.state['config']}")
@@ -101,29 +103,32 @@ class ArtifactAssembly:
                   next_hidden: torch.Tensor) -> None:
         """Write block `index`'s packed tensors and checkpoint the run after it (`run_blocks`' `on_block_done`)."""
         for path, result in results.items():
-            self.writer.add(packed_tensors(self.layout.checkpoint_name(path), result,
-                                           self.model.get_submodule(path).bias))
+            self.writer.add(self.layer_tensors(self.layout.checkpoint_name(path), result,
+                                               self.model.get_submodule(path).bias))
         self.rows.extend(rows)
         self.store.persist(index + 1, next_hidden)
         self.writer.checkpoint({"config": self.config.to_dict(), "next_block": index + 1, "rows": self.rows,
                                 "calibration": {"dataset": self.calibration.dataset, "seed": self.calibration.seed}})
 
-    def finish(self, source: SourceModel, blocks: torch.nn.ModuleList, device) -> Path:
-        """Add the float tensors (from the checkpoint when streaming), config and report; returns the artifact."""
+    layer_tensors = staticmethod(packed_tensors)  # what one quantized Linear becomes in this format
+
+    def float_tensors(self, source: SourceModel, blocks: torch.nn.ModuleList) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> every tensor that stays float (read from the checkpoint when streaming)."""
         layout, checkpoint = self.layout, source.checkpoint
         quantized = quantized_paths(layout, blocks)
         if checkpoint is not None:
             quantized = {layout.checkpoint_name(path) for path in quantized}
-            floats = checkpoint.tensors(name for name in checkpoint.weight_map
-                                        if name.rsplit(".", 1)[0] not in quantized)
-        else:
-            floats = {layout.checkpoint_name(name): tensor
-                      for name, tensor in float_tensors(self.model, quantized).items()}
-        self.writer.add(dict(sorted(floats.items())))
+            return checkpoint.tensors(name for name in checkpoint.weight_map
+                                      if name.rsplit(".", 1)[0] not in quantized)
+        return {layout.checkpoint_name(name): tensor for name, tensor in float_tensors(self.model, quantized).items()}
+
+    def finish(self, source: SourceModel, blocks: torch.nn.ModuleList, device) -> Path:
+        """Add the float tensors, config and report; returns the artifact."""
+        self.writer.add(dict(sorted(self.float_tensors(source, blocks).items())))
         model_config = self.model.config.to_dict()
         model_config.pop("quantization_config", None)
         return self.writer.finish(model_config=model_config,
                                   quantization_config=quantization_config_for(self.model, self.config,
                                                                               self.calibration),
-                                  report=run_report(self.config, layout, self.rows, device),
+                                  report=run_report(self.config, self.layout, self.rows, device),
                                   copy_from=source.directory)

@@ -23,7 +23,13 @@ def gptq_plugins_calibration_source(name, config, tokenizer, seq_len):
 
 @hookimpl
 def gptq_plugins_export_formats():
-    return {"gptq_plugins": "gptq_plugins", "gptq": "gptq"}
+    from gptq_plugins.export_format import ExportFormat
+
+    v1 = "gptq_plugins.assembly:ArtifactAssembly"
+    return {"gptq_plugins": ExportFormat(v1, description="GPTQ v1 tensors, quant_method gptq_plugins"),
+            "gptq": ExportFormat(v1, description="GPTQ v1 tensors, quant_method gptq (stock loaders)"),
+            "gguf": ExportFormat("gptq_plugins.gguf_export:GGUFAssembly", single_file=True,
+                                 description="one .gguf file for llama.cpp")}
 
 
 @hookimpl
@@ -36,4 +42,4 @@ def gptq_plugins_kernel_backends():
 @hookimpl
 def gptq_plugins_describe():
     return ("core: layouts for Llama, Mistral, Qwen2/3, Gemma2/3, Phi3, OPT, GPT-NeoX, GPT-2, Mixtral, "
-            "Qwen2/3-MoE, builtin and file calibration, gptq_plugins/gptq formats, torch/CPU-int4/Triton kernels")
+            "Qwen2/3-MoE, builtin and file calibration, gptq_plugins/gptq/gguf formats, torch/CPU-int4/Triton kernels")

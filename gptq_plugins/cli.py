@@ -24,7 +24,11 @@ def _flag(name: str) -> str:
 
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one option per `QuantizeConfig` field, plus the run options every front end shares."""
+    """Add one option per `QuantizeConfig` field, plus the run options every front end shares.
+
+    Options the user does not give stay None, so `config_from_args` can tell them from defaults
+    (a GGUF type fills in the bits and group size it implies, but refuses contradicting ones).
+    """
     group = parser.add_argument_group("quantization options")
     for f in option_fields():
         default = f.default if f.default is not MISSING else None
@@ -33,18 +37,19 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             if default:
                 flag = f.metadata.get("cli") or "--no-" + f.name.replace("_", "-")
-                group.add_argument(flag, dest=f.name, action="store_false", help=f"disable: {help_text}")
+                group.add_argument(flag, dest=f.name, action="store_false", default=None,
+                                   help=f"disable: {help_text}")
             else:
-                group.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+                group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
             continue
-        group.add_argument(flag, dest=f.name, type=type(default), default=default,
+        group.add_argument(flag, dest=f.name, type=f.metadata.get("type") or type(default), default=None,
                            choices=f.metadata.get("choices"), help=f"{help_text} (default: {default})")
     run = parser.add_argument_group("run options")
     run.add_argument("--device", default=None, help="device for the solver, e.g. cpu or cuda "
                      "(default: where the model is)")
     run.add_argument("--trust-remote-code", action="store_true",
                      help="allow model code from the model directory to run (off by default)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output written by gptq-plugins")
     run.add_argument("--resume", action="store_true",
                      help="continue an interrupted run from its last finished block (same options)")
     run.add_argument("--offload-activations", action="store_true",
@@ -54,7 +59,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
-    return QuantizeConfig(**{f.name: getattr(args, f.name) for f in option_fields()})
+    return QuantizeConfig.from_options(**{f.name: getattr(args, f.name) for f in option_fields()
+                                          if getattr(args, f.name) is not None})
 
 
 def run_quantize(model: str, output: str, args: argparse.Namespace) -> Path:
@@ -74,14 +80,19 @@ def run_quantize(model: str, output: str, args: argparse.Namespace) -> Path:
 
 
 def _safetensors_bytes(directory: Path) -> int:
+    if directory.is_file():  # a single-file output (GGUF)
+        return directory.stat().st_size
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
 def print_summary(model_dir: Path, artifact_dir: Path) -> None:
-    report = json.loads((artifact_dir / "quantization_report.json").read_text())
+    from gptq_plugins.artifact import read_report
+
+    report = read_report(artifact_dir)
     cfg, summary = report["config"], report["summary"]
     before, after = _safetensors_bytes(model_dir), _safetensors_bytes(artifact_dir)
-    print(f"\nquantized {summary['layers']} layers to {cfg['bits']} bits, group size {cfg['group_size']}"
+    kind = f"GGUF {cfg['gguf_type']}, " if cfg.get("gguf_type") else ""
+    print(f"\nquantized {summary['layers']} layers to {kind}{cfg['bits']} bits, group size {cfg['group_size']}"
           f"{', act-order' if cfg['desc_act'] else ''}{', symmetric' if cfg['sym'] else ', asymmetric'}")
     if before:
         print(f"size: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({after / before:.1%})")
@@ -93,8 +104,11 @@ def print_summary(model_dir: Path, artifact_dir: Path) -> None:
     for key, label in (("fallbacks", "RTN fallback"), ("damping_escalated", "damping raised")):
         if summary[key]:
             print(f"{label}: {', '.join(summary[key])}")
-    print(f"artifact: {artifact_dir}  (report: {artifact_dir / 'quantization_report.json'}, plot: "
-          f"{artifact_dir / 'quantization_report.png'})")
+    if artifact_dir.is_file():
+        print(f"GGUF file: {artifact_dir}  (report: its gptq_plugins.report metadata; llama.cpp loads it directly)")
+    else:
+        print(f"artifact: {artifact_dir}  (report: {artifact_dir / 'quantization_report.json'}, plot: "
+              f"{artifact_dir / 'quantization_report.png'})")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:

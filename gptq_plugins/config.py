@@ -12,12 +12,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gptq_plugins.foreign_keys import KNOWN_FOREIGN_KEYS, loading_problem
+from gptq_plugins.gguf_types import GGUF_TYPES
 from gptq_plugins.packed_words import whole_words_problem
 
 log = logging.getLogger("gptq_plugins")
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-FORMATS = ("gptq_plugins", "gptq")
+FORMATS = ("gptq_plugins", "gptq", "gguf")
 HESSIAN_DTYPES = ("auto", "float32", "bfloat16")
 # Run options recorded under `meta.calibration` of `quantization_config` (they shape the result).
 CALIBRATION_META_KEYS = ("dataset", "num_samples", "seq_len", "seed", "hessian_dtype", "act_group_aware", "gptaq")
@@ -71,8 +72,12 @@ class QuantizeConfig:
                                     "re-collecting inputs after each group")
     mse_clip: bool = _option(False, "search a per-group range shrink factor minimising the "
                              "quantization error")
-    format: str = _option("gptq_plugins", "artifact quant_method: gptq_plugins, or gptq for "
-                          "stock GPTQ loaders", choices=FORMATS, artifact=False)
+    format: str = _option("gptq_plugins", "output format: gptq_plugins (our quant_method), gptq for "
+                          "stock GPTQ loaders (both a directory), or gguf (one .gguf file for llama.cpp)",
+                          choices=FORMATS, artifact=False)
+    gguf_type: str | None = _option(None, "GGUF block type of --format gguf; it fixes bits, the group "
+                                    "(blocks of 32 inputs) and symmetry (Q4_1/Q5_1 are asymmetric)",
+                                    choices=tuple(GGUF_TYPES), artifact=False, type=str)
     dataset: str = _option("builtin", "calibration data: builtin, or a .txt/.jsonl/.parquet path",
                            artifact=False)
     num_samples: int = _option(128, "calibration sequences", artifact=False)
@@ -89,7 +94,9 @@ class QuantizeConfig:
 
     def __post_init__(self):
         self._check_type("bits", int)
-        if self.bits not in SUPPORTED_BITS:
+        if self.format == "gguf" or self.gguf_type is not None:
+            self._check_gguf()
+        elif self.bits not in SUPPORTED_BITS:
             raise ConfigError("bits", f"expected one of {list(SUPPORTED_BITS)}, got {self.bits}")
         self._check_type("group_size", int)
         if self.group_size != -1 and self.group_size <= 0:
@@ -120,6 +127,30 @@ class QuantizeConfig:
         if self.hessian_dtype not in HESSIAN_DTYPES:
             raise ConfigError("hessian_dtype", f"expected one of {list(HESSIAN_DTYPES)}, got {self.hessian_dtype!r}")
 
+    def _check_gguf(self):
+        if self.gguf_type not in GGUF_TYPES:
+            raise ConfigError("gguf_type", f"--format gguf needs a block type, one of {list(GGUF_TYPES)}; "
+                              f"got {self.gguf_type!r}")
+        if self.format != "gguf":
+            raise ConfigError("gguf_type", f"only meaningful with format='gguf', got format={self.format!r}")
+        implied = gguf_options(self.gguf_type)
+        for name in ("bits", "group_size", "sym"):
+            if getattr(self, name) != implied[name]:
+                raise ConfigError(name, f"GGUF {self.gguf_type} stores {implied['bits']}-bit codes in blocks of "
+                                  f"{implied['group_size']} inputs, {'symmetric' if implied['sym'] else 'asymmetric'}; "
+                                  f"got {name}={getattr(self, name)!r} (leave it unset)")
+        if self.desc_act:
+            raise ConfigError("desc_act", "GGUF has no g_idx, so its blocks must stay positional; "
+                              "use act_group_aware (group-aware act-order) instead")
+
+    @classmethod
+    def from_options(cls, **given) -> "QuantizeConfig":
+        """A config from the options a user gave: a GGUF type fills in the bits, group size,
+        symmetry and format it implies (given ones must agree with it)."""
+        if given.get("gguf_type") is not None:
+            given = {**gguf_options(given["gguf_type"]), **given}
+        return cls(**given)
+
     def _check_type(self, name: str, expected):
         value = getattr(self, name)
         # bool is an int subclass: reject True for bits, and 1 for sym.
@@ -148,6 +179,11 @@ class QuantizeConfig:
 
     def check_layer(self, in_features: int, out_features: int | None = None, name: str = "layer"):
         """Raise `ConfigError` when a layer of this shape cannot be stored with these options."""
+        if self.format == "gguf":
+            if in_features % self.group_size:
+                raise ConfigError("gguf_type", f"{name}: input size {in_features} is not a multiple of "
+                                  f"{self.group_size}, the block length of GGUF {self.gguf_type}")
+            return
         problem = whole_words_problem(in_features, self.bits, f"{name}: input size {in_features}")
         if out_features is not None and not problem:
             problem = whole_words_problem(out_features, self.bits, f"{name}: output size {out_features}",
@@ -220,6 +256,14 @@ class QuantizeConfig:
     def to_dict(self) -> dict[str, Any]:
         """All options as a flat JSON-clean dict (inverse of `QuantizeConfig(**d)`)."""
         return dataclasses.asdict(self)
+
+
+def gguf_options(type_name: str) -> dict[str, Any]:
+    """The options a GGUF block type fixes."""
+    if type_name not in GGUF_TYPES:
+        raise ConfigError("gguf_type", f"expected one of {list(GGUF_TYPES)}, got {type_name!r}")
+    gguf_type = GGUF_TYPES[type_name]
+    return {"format": "gguf", "bits": gguf_type.bits, "group_size": gguf_type.block_size, "sym": not gguf_type.affine}
 
 
 def foreign_entries(qc: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,8 @@ Project rules on top of GPTQ's `Quantizer.find_params`:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 FLOAT16_MAX = 65504.0
@@ -58,21 +60,29 @@ def find_params(w: torch.Tensor, bits: int, sym: bool, mse_clip: bool = False):
     xmax = torch.maximum(w.amax(dim=1), zeros)
     if not mse_clip:
         return _grid_for_range(xmin, xmax, maxq, sym)
+    return mse_best(w, lambda factors, rows: _grid_for_range(factors * xmin[rows], factors * xmax[rows], maxq, sym),
+                    lambda trial, scale, zero: round_to_grid(trial, scale, zero, maxq), dequantize_codes)
+
+
+def mse_best(w: torch.Tensor, grid_at, codes, values):
+    """Per row of `w [rows, cols]`, the `(scale, zero)` among `grid_at(factors [F, 1], rows)`'s
+    grids (one per range shrink factor) whose values `values(codes(w, s, z), s, z)` minimise
+    `sum |q(w) - w|^2.4`."""
     factors = MSE_SHRINK_FACTORS.to(w.device)[:, None]
     rows_per_chunk = max(1, MSE_CHUNK_ELEMENTS // (len(factors) * w.shape[1]))
     scales, zero_points = [], []
     for r0 in range(0, w.shape[0], rows_per_chunk):
         rows = slice(r0, r0 + rows_per_chunk)
-        scale, zero = _grid_for_range(factors * xmin[rows], factors * xmax[rows], maxq, sym)
+        scale, zero = grid_at(factors, rows)
         trial = w[rows].unsqueeze(0)  # [1, rows, cols] against [factors, rows] grids
-        error = dequantize_codes(round_to_grid(trial, scale, zero, maxq), scale, zero) - trial
+        error = values(codes(trial, scale, zero), scale, zero) - trial
         best = error.abs_().pow_(MSE_NORM).sum(dim=2).argmin(dim=0, keepdim=True)
         scales.append(scale.gather(0, best)[0])
         zero_points.append(zero.gather(0, best)[0])
     return torch.cat(scales), torch.cat(zero_points)
 
 
-def _per_leading_dims(param: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def per_leading_dims(param: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """View `param` (shaped like w's leading dims) so it broadcasts over w's trailing dims."""
     trailing = w.dim() - param.dim()
     return param.reshape(param.shape + (1,) * trailing) if trailing else param
@@ -80,7 +90,7 @@ def _per_leading_dims(param: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def round_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Codes as float32 values; the solver's column loop stays in float to skip conversions."""
-    scale, zero = _per_leading_dims(scale, w), _per_leading_dims(zero, w)
+    scale, zero = per_leading_dims(scale, w), per_leading_dims(zero, w)
     return torch.div(w, scale).round_().add_(zero).clamp_(0, maxq)
 
 
@@ -91,4 +101,28 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
 
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """float32 `(codes - zero) * scale`, with `scale`/`zero` shaped like codes' leading dims."""
-    return torch.sub(codes.float(), _per_leading_dims(zero, codes)).mul_(_per_leading_dims(scale, codes))
+    return torch.sub(codes.float(), per_leading_dims(zero, codes)).mul_(per_leading_dims(scale, codes))
+
+
+@dataclass(frozen=True)
+class IntegerGrid:
+    """GPTQ v1's grid, as the solver uses any grid: `fit` a group's columns, `codes` of a column,
+    `values` of codes. value = (code - zero) * scale, integer zero points in [1, maxq]."""
+
+    bits: int
+    sym: bool
+    mse_clip: bool = False
+    integer_zeros = True  # zero points are stored as integers
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def fit(self, w: torch.Tensor):
+        return find_params(w, self.bits, self.sym, self.mse_clip)
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return round_to_grid(w, scale, zero, self.maxq)
+
+    def values(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return dequantize_codes(codes, scale, zero)

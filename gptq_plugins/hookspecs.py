@@ -36,10 +36,18 @@ def gptq_plugins_calibration_source(name: str, config, tokenizer, seq_len: int):
 
 @hookspec
 def gptq_plugins_export_formats():
-    """Return a dict ``{format_name: quant_method}`` of artifact formats this plugin can write.
+    """Return a dict ``{format_name: gptq_plugins.export_format.ExportFormat}`` of formats this plugin writes.
 
-    The core writes ``gptq_plugins`` (our method) and ``gptq`` (stock GPTQ loaders). Tensors are
-    identical between formats; only the ``quantization_config`` metadata differs.
+    An ``ExportFormat`` names the assembly class (or its ``"module:attribute"`` name) that turns
+    a run into output: built as
+    ``assembly(writer, model, layout, config, progress=...)`` around an ``ArtifactWriter`` (which
+    owns output-path safety, the partial directory and resume), it offers ``next_block``,
+    ``resumed_calibration()``, ``begin(calibration, store)``, ``add_block(index, results, rows,
+    next_hidden)`` and ``finish(source, blocks, device)`` returning the output path (see
+    ``gptq_plugins.assembly.ArtifactAssembly``). ``single_file`` says the output is one file. The
+    core writes ``gptq_plugins`` and ``gptq`` (GPTQ v1 directories that differ only in
+    ``quant_method``) and ``gguf`` (one file for llama.cpp). Later-registered plugins override a
+    name; ``QuantizeConfig.format`` accepts the core's names.
     """
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from gptq_plugins.artifact import ArtifactWriter
-from gptq_plugins.assembly import ArtifactAssembly
 from gptq_plugins.block_sources import LoadedBlocks, block_source
 from gptq_plugins.calibration import CalibrationSet
 from gptq_plugins.config import QuantizeConfig
 from gptq_plugins.layouts import ModelLayout
 from gptq_plugins.model_loading import calibration_for, given_calibration, open_source
+from gptq_plugins.plugins import export_format
 from gptq_plugins.preparation import prepare_blocks, resolve_run_options
 from gptq_plugins.report import run_report
 from gptq_plugins.run_loop import run_blocks
@@ -55,7 +55,8 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
                    calibration: CalibrationSet | torch.Tensor | None = None, *, device: str | None = None,
                    trust_remote_code: bool = False, overwrite: bool = False, progress: bool = True,
                    streaming: bool = True, offload_activations: bool = False, resume: bool = False) -> Path:
-    """Quantize a model (a local directory or a loaded Transformers model) into an artifact at `out_dir`.
+    """Quantize a model (a local directory or a loaded Transformers model) into an artifact at `out_dir`
+    (a directory, or one file for a single-file format such as `gguf`).
 
     A directory is streamed (`streaming=True`): only the current decoder block is in memory, read
     from the source safetensors. With `offload_activations` the hidden states between blocks live
@@ -71,8 +72,10 @@ def quantize_model(model_or_path, out_dir: str | os.PathLike, config: QuantizeCo
     device = (torch.device(device) if device else torch.device("cpu") if source.checkpoint
               else next(model.parameters()).device)
     config = resolve_run_options(config, device)
-    with ArtifactWriter(out_dir, source=source.origin(), overwrite=overwrite, resume=resume) as writer:
-        assembly = ArtifactAssembly(writer, model, layout, config)
+    output_format = export_format(config.format)
+    with ArtifactWriter(out_dir, source=source.origin(), overwrite=overwrite, resume=resume,
+                        file_output=output_format.single_file) as writer:
+        assembly = output_format.assembly_class()(writer, model, layout, config, progress=progress)
         resumed = assembly.resumed_calibration()
         if resumed is not None:
             calibration = resumed

@@ -7,6 +7,7 @@ import functools
 import pluggy
 
 from gptq_plugins import hookspecs
+from gptq_plugins.export_format import ExportFormat
 
 ENTRY_POINT_GROUP = "gptq_plugins"
 
@@ -32,11 +33,21 @@ def model_layouts():
     return layouts
 
 
-def export_formats() -> dict[str, str]:
-    formats: dict[str, str] = {}
+def export_formats() -> dict[str, ExportFormat]:
+    """Format name -> `ExportFormat`, from every plugin (later-registered ones override)."""
+    formats: dict[str, ExportFormat] = {}
     for provided in reversed(get_plugin_manager().hook.gptq_plugins_export_formats()):
         formats.update(provided)
     return formats
+
+
+def export_format(name: str) -> ExportFormat:
+    from gptq_plugins.config import ConfigError
+
+    formats = export_formats()
+    if name not in formats:
+        raise ConfigError("format", f"no export format named {name!r}; known: {sorted(formats)}")
+    return formats[name]
 
 
 def describe_plugins() -> list[tuple[str, str, str]]:

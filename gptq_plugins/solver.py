@@ -13,7 +13,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from gptq_plugins.config import QuantizeConfig
-from gptq_plugins.grid import dequantize_codes, find_params, round_to_grid
+from gptq_plugins.gguf_grid import block_grid
+from gptq_plugins.grid import IntegerGrid
 
 MAX_DAMP_PERCENT = 1.0  # damping escalation stops here; past it the layer falls back to RTN
 # GPTAQ's step size on the asymmetry correction (Li et al., ICML 2025, who use 0.25 throughout).
@@ -26,18 +27,32 @@ class QuantizedWeight:
 
     codes: torch.Tensor   # int32 [out, in], 0..maxq
     scales: torch.Tensor  # float32 [n_groups, out], float16-representable
-    zeros: torch.Tensor   # int32 [n_groups, out], 1..maxq
+    zeros: torch.Tensor   # [n_groups, out]: int32 zero points (1..maxq in GPTQ v1), float32 minimums (affine GGUF)
     g_idx: torch.Tensor   # int32 [in], group of each input column
     bits: int
     group_size: int
     damp_percent: float   # damping actually used (raised when Cholesky failed)
     loss: float           # GPTQ's summed output-space loss (NaN for RTN without a Hessian)
     fallback: str | None = None  # why round-to-nearest was used instead of GPTQ
+    grid: object = None   # what codes mean (`grid_for`); None: GPTQ v1's integer grid
 
     def dequantize(self) -> torch.Tensor:
-        """float32 `[out, in]` = `(codes - zeros[g_idx].T) * scales[g_idx].T`."""
+        """float32 `[out, in]`: each code's value on its group's grid (GPTQ v1:
+        `(codes - zeros[g_idx].T) * scales[g_idx].T`)."""
         groups = self.g_idx.long()
-        return dequantize_codes(self.codes, self.scales[groups].T, self.zeros[groups].T)
+        grid = self.grid or IntegerGrid(self.bits, sym=True)
+        return grid.values(self.codes, self.scales[groups].T, self.zeros[groups].T)
+
+
+def grid_for(config: QuantizeConfig):
+    """The grid the weights are quantized onto: a GGUF type's exact block grid, or GPTQ v1's."""
+    if config.gguf_type is not None:
+        return block_grid(config.gguf_type, config.mse_clip)
+    return IntegerGrid(config.bits, config.sym, config.mse_clip)
+
+
+def _stored_zeros(zeros: torch.Tensor, grid) -> torch.Tensor:
+    return zeros.to(torch.int32) if grid.integer_zeros else zeros
 
 
 def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: QuantizeConfig,
@@ -56,6 +71,7 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
     _check_finite(hessian, "hessian")
     n_groups = config.groups_for(in_features)
     group_size = config.group_size_for(in_features)
+    grid = grid_for(config)
     # Working copies: the weight transposed, so column steps touch contiguous rows.
     w_t = weight.detach().T.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
     h = hessian.detach().to(device=w_t.device, dtype=torch.float32, copy=True)
@@ -67,7 +83,7 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
         asymmetry = asymmetry.detach().to(device=w_t.device, dtype=torch.float32, copy=True)
         asymmetry[:, dead] = 0
     # Static groups (and the single group of group_size=-1) are fixed by the unpermuted weight.
-    fixed = _contiguous_group_params(w_t.T, config) if config.static_groups or n_groups == 1 else None
+    fixed = _contiguous_group_params(w_t.T, config, grid) if config.static_groups or n_groups == 1 else None
     perm = _quantization_order(h.diagonal(), config, group_size)
     if perm is not None:
         w_t, h = w_t[perm], h[perm[:, None], perm]
@@ -88,13 +104,13 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
         column_groups = g_idx if perm is None else g_idx[perm]
     # GPTAQ's correction, as each quantized column passes it on to the columns after it.
     carry = None if asymmetry is None else GPTAQ_ALPHA * (asymmetry @ hinv_upper.T).triu_(1) @ hinv_upper
-    codes_t, scales, zeros, loss = _gptq_columns(w_t, hinv_upper, config, fixed, column_groups.tolist(),
+    codes_t, scales, zeros, loss = _gptq_columns(w_t, hinv_upper, config, grid, fixed, column_groups.tolist(),
                                                  n_groups, carry)
     if perm is not None:
         codes_t = codes_t[torch.argsort(perm)]
     codes = codes_t.T.to(torch.int32, memory_format=torch.contiguous_format)
-    return QuantizedWeight(codes, scales, zeros.to(torch.int32), g_idx.to(torch.int32), config.bits,
-                           config.group_size, damp_percent, loss)
+    return QuantizedWeight(codes, scales, _stored_zeros(zeros, grid), g_idx.to(torch.int32), config.bits,
+                           config.group_size, damp_percent, loss, grid=grid)
 
 
 def _quantization_order(diagonal: torch.Tensor, config: QuantizeConfig, group_size: int) -> torch.Tensor | None:
@@ -120,7 +136,7 @@ def _quantization_order(diagonal: torch.Tensor, config: QuantizeConfig, group_si
     return torch.cat([ordered, tail])
 
 
-def _gptq_columns(w_t, hinv_upper, config, fixed, column_groups, n_groups, carry=None):
+def _gptq_columns(w_t, hinv_upper, config, grid, fixed, column_groups, n_groups, carry=None):
     """The column loop of `fasterquant` on the transposed weight `w_t [in, out]` (updated in place).
 
     `column_groups[k]`: the group of the k-th column quantized; each group's columns come up
@@ -131,7 +147,7 @@ def _gptq_columns(w_t, hinv_upper, config, fixed, column_groups, n_groups, carry
     quantization order), scales and zeros `[n_groups, out]`, and the summed loss.
     """
     in_features, out_features = w_t.shape
-    maxq, group_size = config.maxq, config.group_size_for(in_features)
+    group_size = config.group_size_for(in_features)
     block_size = config.block_size if fixed else _aligned_block_size(config.block_size, group_size)
     codes = torch.empty_like(w_t)
     scales, zeros = fixed or (w_t.new_empty(n_groups, out_features), w_t.new_empty(n_groups, out_features))
@@ -143,11 +159,10 @@ def _gptq_columns(w_t, hinv_upper, config, fixed, column_groups, n_groups, carry
         for i in range(i2 - i1):
             column, group = i1 + i, column_groups[i1 + i]
             if fixed is None and (column == 0 or column_groups[column - 1] != group):
-                scales[group], zeros[group] = find_params(w_t[column:column + group_size].T,
-                                                          config.bits, config.sym, config.mse_clip)
+                scales[group], zeros[group] = grid.fit(w_t[column:column + group_size].T)
             w, scale, zero = w_t[column], scales[group], zeros[group]
-            codes[column] = round_to_grid(w, scale, zero, maxq)
-            q = dequantize_codes(codes[column], scale, zero)
+            codes[column] = grid.codes(w, scale, zero)
+            q = grid.values(codes[column], scale, zero)
             torch.div(w - q, hinv_block[i, i], out=errors[i])
             w_t[column + 1:i2].addr_(hinv_block[i, i + 1:], errors[i], alpha=-1)
             if carry is not None:
@@ -226,18 +241,19 @@ def rtn(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | No
     out_features, in_features = weight.shape
     _check_finite(weight, "weight")
     w = weight.detach().float()
-    scales, zeros = _contiguous_group_params(w, config)
+    grid = grid_for(config)
+    scales, zeros = _contiguous_group_params(w, config, grid)
     g_idx = torch.arange(in_features, device=w.device) // config.group_size_for(in_features)
-    codes = round_to_grid(w, scales[g_idx].T, zeros[g_idx].T, config.maxq)
-    result = QuantizedWeight(codes.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32),
-                             config.bits, config.group_size, damp_percent=0.0, loss=float("nan"))
+    codes = grid.codes(w, scales[g_idx].T, zeros[g_idx].T)
+    result = QuantizedWeight(codes.to(torch.int32), scales, _stored_zeros(zeros, grid), g_idx.to(torch.int32),
+                             config.bits, config.group_size, damp_percent=0.0, loss=float("nan"), grid=grid)
     if hessian is None:
         return result
     delta = w - result.dequantize()
     return replace(result, loss=float(((delta @ hessian.float().to(w.device)) * delta).sum()) / 2)
 
 
-def _contiguous_group_params(w: torch.Tensor, config: QuantizeConfig):
+def _contiguous_group_params(w: torch.Tensor, config: QuantizeConfig, grid):
     """`(scales, zeros)`, each `[n_groups, out]`, of contiguous column groups (the last one
     shorter where group_size does not divide the input), in one call per group length."""
     out_features, in_features = w.shape
@@ -248,7 +264,7 @@ def _contiguous_group_params(w: torch.Tensor, config: QuantizeConfig):
         if columns.shape[1]:
             rows = columns.reshape(-1, min(group_size, columns.shape[1]))
             parts.append([p.reshape(out_features, -1) for p in
-                          find_params(rows, config.bits, config.sym, config.mse_clip)])
+                          grid.fit(rows)])
     return tuple(torch.cat([part[i] for part in parts], dim=1).T.contiguous() for i in range(2))
 
 

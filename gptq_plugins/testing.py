@@ -170,3 +170,28 @@ def tree_digest(root: str | os.PathLike) -> dict[str, str]:
     root = Path(root)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def gguf_reference_model(model_dir: str | os.PathLike, gguf_path: str | os.PathLike, dtype=torch.float32):
+    """The Transformers model of `model_dir` holding the weights of a GGUF file as `gguf`'s own
+    dequantizer reads them (q/k rows back in Transformers' order): what llama.cpp should compute."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from transformers import AutoModelForCausalLM
+
+    from gptq_plugins.gguf_file import gguf_name, row_order
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    stored = {t.name: t for t in GGUFReader(gguf_path).tensors}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tied = name == "lm_head.weight" and model.config.tie_word_embeddings
+        entry = stored["token_embd.weight" if tied else gguf_name(name, model.config)]
+        values = dequantize(entry.data, entry.tensor_type).reshape(tensor.shape)
+        order = row_order(name, model.config)
+        if order is not None:
+            values = values[np.argsort(order)]
+        state[name] = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+    model.load_state_dict(state)
+    return model.eval()

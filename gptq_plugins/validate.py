@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from gptq_plugins.artifact import ArtifactError, output_problem, read_model_config
+from gptq_plugins.plugins import export_format
 from gptq_plugins.calibration import CalibrationError, CalibrationSet, degenerate_calibration
 from gptq_plugins.config import ConfigError, QuantizeConfig
 from gptq_plugins.layouts import ModelLayout, UnsupportedModelError, find_layout
@@ -65,7 +66,8 @@ def check_quantize_inputs(model_dir: str | os.PathLike, out_dir: str | os.PathLi
     small next to quantization.
     """
     model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
-    problem = output_problem(out_dir, source=model_dir, overwrite=overwrite, resume=resume)
+    problem = output_problem(out_dir, source=model_dir, overwrite=overwrite, resume=resume,
+                             file_output=export_format(config.format).single_file)
     problems = [problem] if problem else []
     if not model_dir.is_dir():
         raise ValidationError(problems + [f"model directory {model_dir}: does not exist"])
