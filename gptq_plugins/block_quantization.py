@@ -93,9 +93,10 @@ def _collect_hessians(block, linears: dict[str, torch.nn.Module], hidden, contex
 
 
 def quantize_block(block, index: int, hidden, contexts: list[BatchContext], config: QuantizeConfig,
-                   layout: ModelLayout, device, hook,
-                   reference: FloatBlock | Unpaired = UNPAIRED) -> tuple[dict[str, QuantizedWeight], list[dict]]:
-    """GPTQ on every Linear of one block, group by group; weights become their dequantized values.
+                   layout: ModelLayout, device, hook, reference: FloatBlock | Unpaired = UNPAIRED,
+                   n_blocks: int = 1) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+    """GPTQ on every Linear of one block (`index` of `n_blocks`), group by group; weights become
+    their dequantized values.
 
     `reference` is the block's float copy for GPTAQ (see `gptaq`). Returns the solver results by
     module path and the report rows.
@@ -122,12 +123,13 @@ def quantize_block(block, index: int, hidden, contexts: list[BatchContext], conf
             path = f"{layout.blocks}.{index}.{name}"
             hessian, tokens, asymmetry = hessians.pop(name, (None, 0, None))
             weight = read_weight(layer).float()
-            result = _solve_layer(path, weight, hessian, tokens, config, routed=layout.is_expert(name),
+            layer_config = config.for_layer(name, index, n_blocks, weight.shape[1])
+            result = _solve_layer(path, weight, hessian, tokens, layer_config, routed=layout.is_expert(name),
                                   asymmetry=asymmetry)
             if hessian is None:  # an expert no token reached: errors measured on the weights
                 hessian = torch.eye(weight.shape[1], device=weight.device)
             approx = result.dequantize()
-            row = _report_row(path, weight, approx, hessian, result, tokens, config, start)
+            row = _report_row(path, weight, approx, hessian, result, tokens, layer_config, start)
             if result.fallback:
                 log.warning("%s: %s", path, result.fallback)
             write_weight(layer, approx)
@@ -150,6 +152,7 @@ def _report_row(path: str, weight: torch.Tensor, approx: torch.Tensor, hessian: 
         "fallback": result.fallback,
         "tokens": tokens,
         "seconds": round(time.perf_counter() - start, 4),
+        **({"gguf_type": config.gguf_type} if config.gguf_type else {}),
     }
 
 

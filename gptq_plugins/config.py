@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from gptq_plugins.foreign_keys import KNOWN_FOREIGN_KEYS, loading_problem
-from gptq_plugins.gguf_types import GGUF_TYPES
+from gptq_plugins.gguf_types import GGUF_MIXTURES, GGUF_TYPES, base_type, layer_type
 from gptq_plugins.packed_words import whole_words_problem
 
 log = logging.getLogger("gptq_plugins")
@@ -77,7 +77,7 @@ class QuantizeConfig:
                           choices=FORMATS, artifact=False)
     gguf_type: str | None = _option(None, "GGUF block type of --format gguf; it fixes bits, the group "
                                     "(blocks of 32 inputs) and symmetry (Q4_1/Q5_1 are asymmetric)",
-                                    choices=tuple(GGUF_TYPES), artifact=False, type=str)
+                                    choices=tuple(GGUF_TYPES) + tuple(GGUF_MIXTURES), artifact=False, type=str)
     dataset: str = _option("builtin", "calibration data: builtin, or a .txt/.jsonl/.parquet path",
                            artifact=False)
     num_samples: int = _option(128, "calibration sequences", artifact=False)
@@ -128,9 +128,9 @@ class QuantizeConfig:
             raise ConfigError("hessian_dtype", f"expected one of {list(HESSIAN_DTYPES)}, got {self.hessian_dtype!r}")
 
     def _check_gguf(self):
-        if self.gguf_type not in GGUF_TYPES:
-            raise ConfigError("gguf_type", f"--format gguf needs a block type, one of {list(GGUF_TYPES)}; "
-                              f"got {self.gguf_type!r}")
+        if self.gguf_type not in GGUF_TYPES and self.gguf_type not in GGUF_MIXTURES:
+            raise ConfigError("gguf_type", f"--format gguf needs a block type, one of "
+                              f"{list(GGUF_TYPES) + list(GGUF_MIXTURES)}; got {self.gguf_type!r}")
         if self.format != "gguf":
             raise ConfigError("gguf_type", f"only meaningful with format='gguf', got format={self.format!r}")
         implied = gguf_options(self.gguf_type)
@@ -180,9 +180,10 @@ class QuantizeConfig:
     def check_layer(self, in_features: int, out_features: int | None = None, name: str = "layer"):
         """Raise `ConfigError` when a layer of this shape cannot be stored with these options."""
         if self.format == "gguf":
-            if in_features % self.group_size:
+            # A K-quant row that is not whole super-blocks falls back to a legacy type (blocks of 32).
+            if in_features % GGUF_TYPES["Q8_0"].block_size:
                 raise ConfigError("gguf_type", f"{name}: input size {in_features} is not a multiple of "
-                                  f"{self.group_size}, the block length of GGUF {self.gguf_type}")
+                                  f"32, the block length of GGUF {self.gguf_type}")
             return
         problem = whole_words_problem(in_features, self.bits, f"{name}: input size {in_features}")
         if out_features is not None and not problem:
@@ -190,6 +191,14 @@ class QuantizeConfig:
                                           " (qzeros packing)")
         if problem:
             raise ConfigError("bits", problem)
+
+    def for_layer(self, module_name: str, block_index: int, n_blocks: int, in_features: int) -> "QuantizeConfig":
+        """The options one Linear is quantized with: a GGUF mixture (or a K-quant's fallback) gives
+        each layer its own type; every other config is the same for all layers."""
+        if self.format != "gguf":
+            return self
+        chosen = layer_type(self.gguf_type, module_name, block_index, n_blocks, in_features)
+        return self if chosen == self.gguf_type else self.replace(gguf_type=chosen, **gguf_options(chosen))
 
     def replace(self, **changes) -> "QuantizeConfig":
         return dataclasses.replace(self, **changes)
@@ -259,10 +268,10 @@ class QuantizeConfig:
 
 
 def gguf_options(type_name: str) -> dict[str, Any]:
-    """The options a GGUF block type fixes."""
-    if type_name not in GGUF_TYPES:
-        raise ConfigError("gguf_type", f"expected one of {list(GGUF_TYPES)}, got {type_name!r}")
-    gguf_type = GGUF_TYPES[type_name]
+    """The options a GGUF block type (or a mixture's base type) fixes."""
+    if type_name not in GGUF_TYPES and type_name not in GGUF_MIXTURES:
+        raise ConfigError("gguf_type", f"expected one of {list(GGUF_TYPES) + list(GGUF_MIXTURES)}, got {type_name!r}")
+    gguf_type = base_type(type_name)
     return {"format": "gguf", "bits": gguf_type.bits, "group_size": gguf_type.block_size, "sym": not gguf_type.affine}
 
 

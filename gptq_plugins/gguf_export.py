@@ -24,7 +24,38 @@ from gptq_plugins.report import run_report
 from gptq_plugins.solver import QuantizedWeight
 from gptq_plugins.version import __version__
 
-BLOCKS_SUFFIX = ".gguf_blocks"  # shard name of a Linear's packed rows: `<checkpoint path>.gguf_blocks`
+BLOCKS_MARK = ".gguf_blocks."  # shard name of a Linear's packed rows: `<checkpoint path>.gguf_blocks.<type>`
+
+
+def write_float_gguf(model_dir: str | Path, out_path: str | Path, *, file_type: str = "F32") -> Path:
+    """The float model of `model_dir` as one F32 (or F16) GGUF file: what llama.cpp's own
+    quantizer takes as input (benchmarks/gguf.py compares against it). Written beside `out_path`
+    and renamed, never over an existing file."""
+    from gguf import GGMLQuantizationType
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from gptq_plugins.artifact import read_weight_map
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if out_path.exists():
+        raise FileExistsError(f"output: {out_path} already exists; expected a new path")
+    model_config = AutoConfig.from_pretrained(model_dir)
+    tensors = []
+    for name, file in sorted(read_weight_map(model_dir).items()):
+        if name == "lm_head.weight" and getattr(model_config, "tie_word_embeddings", False):
+            continue
+        with safe_open(model_dir / file, framework="pt") as f:
+            tensors.append(float_tensor(name, f.get_tensor(name), model_config, GGMLQuantizationType[file_type]))
+    tensors.sort(key=lambda t: _file_order(t.name))
+    partial = out_path.with_name(f".{out_path.name}.partial")
+    try:
+        write_gguf(partial, model_config, model_dir, tensors, name=model_dir.name, file_type=file_type,
+                   metadata={GGUF_WRITER_KEY: f"{WRITER_MARK}{__version__}"})
+        partial.rename(out_path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out_path
 
 
 def _file_order(name: str) -> tuple:
@@ -37,23 +68,24 @@ class GGUFAssembly(ArtifactAssembly):
     """A run's .gguf file in the making (see `ArtifactAssembly` for the run's checkpoints)."""
 
     def layer_tensors(self, path: str, result: QuantizedWeight, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        tensors = {path + BLOCKS_SUFFIX: torch.from_numpy(pack_blocks(result, self.config.gguf_type))}
+        tensors = {path + BLOCKS_MARK + result.grid.type.name: torch.from_numpy(pack_blocks(result))}
         if bias is not None:
             tensors[f"{path}.bias"] = bias.detach()
         return tensors
 
-    def _quantized_tensor(self, stored: str, shape: list[int], in_features: int) -> GGUFTensor:
+    def _quantized_tensor(self, stored: str, shape: list[int], in_features: dict[str, int]) -> GGUFTensor:
         from gguf import GGMLQuantizationType
 
-        weight = stored.removesuffix(BLOCKS_SUFFIX) + ".weight"
+        path, type_name = stored.split(BLOCKS_MARK)
+        weight = path + ".weight"
         order = row_order(weight, self.model.config)
 
         def rows():
             data = self.writer.written_tensor(stored).numpy()
             return data if order is None else data[order]
 
-        return GGUFTensor(gguf_name(weight, self.model.config), (shape[0], in_features),
-                          GGMLQuantizationType[self.config.gguf_type], rows)
+        return GGUFTensor(gguf_name(weight, self.model.config), (shape[0], in_features[path]),
+                          GGMLQuantizationType[type_name], rows)
 
     def finish(self, source: SourceModel, blocks: torch.nn.ModuleList, device) -> Path:
         """Write the file from the packed shards and the float tensors, then move it to the output path."""
@@ -62,8 +94,8 @@ class GGUFAssembly(ArtifactAssembly):
                        for path, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)}
         tensors = []
         for stored, shape in self.writer.written_shapes().items():
-            if stored.endswith(BLOCKS_SUFFIX):
-                tensors.append(self._quantized_tensor(stored, shape, in_features[stored.removesuffix(BLOCKS_SUFFIX)]))
+            if BLOCKS_MARK in stored:
+                tensors.append(self._quantized_tensor(stored, shape, in_features))
             else:  # a quantized Linear's bias
                 tensors.append(float_tensor(stored, self.writer.written_tensor(stored), model_config))
         for name, tensor in self.float_tensors(source, blocks).items():

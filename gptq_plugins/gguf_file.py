@@ -22,6 +22,8 @@ from gguf import (GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFil
 from gguf.quants import quantize
 from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
 
+from gptq_plugins.gguf_types import FILE_TYPES
+
 log = logging.getLogger("gptq_plugins")
 
 # model_type -> (llama.cpp architecture, whether q/k rows go from rotate-half to interleaved order)
@@ -91,8 +93,10 @@ def row_order(checkpoint_name: str, model_config) -> np.ndarray | None:
     return (np.arange(heads)[:, None] * head_dim + within[None, :]).reshape(-1)
 
 
-def float_tensor(checkpoint_name: str, tensor: torch.Tensor, model_config) -> GGUFTensor:
-    """A tensor that was not GPTQ-quantized, in the type llama.cpp's converter gives it."""
+def float_tensor(checkpoint_name: str, tensor: torch.Tensor, model_config,
+                 matrix_type: GGMLQuantizationType = FLOAT_MATRIX_TYPE) -> GGUFTensor:
+    """A tensor that was not GPTQ-quantized, in the type llama.cpp's converter gives it (matrices
+    in `matrix_type`: Q8_0 beside quantized layers, F32/F16 for a float file)."""
     name = gguf_name(checkpoint_name, model_config)
     order = row_order(checkpoint_name, model_config)
 
@@ -100,12 +104,12 @@ def float_tensor(checkpoint_name: str, tensor: torch.Tensor, model_config) -> GG
         data = tensor.detach().float().cpu().numpy()
         return data if order is None else data[order]
 
-    if tensor.dim() == 1:
-        return GGUFTensor(name, tuple(tensor.shape), GGMLQuantizationType.F32, rows)
-    block = 32
-    if tensor.shape[-1] % block == 0:
-        return GGUFTensor(name, tuple(tensor.shape), FLOAT_MATRIX_TYPE, lambda: quantize(rows(), FLOAT_MATRIX_TYPE))
-    return GGUFTensor(name, tuple(tensor.shape), GGMLQuantizationType.F16, lambda: rows().astype(np.float16))
+    shape = tuple(tensor.shape)
+    if tensor.dim() == 1 or matrix_type == GGMLQuantizationType.F32:
+        return GGUFTensor(name, shape, GGMLQuantizationType.F32, rows)
+    if matrix_type != GGMLQuantizationType.F16 and tensor.shape[-1] % 32 == 0:
+        return GGUFTensor(name, shape, matrix_type, lambda: quantize(rows(), matrix_type))
+    return GGUFTensor(name, shape, GGMLQuantizationType.F16, lambda: rows().astype(np.float16))
 
 
 def _rope_theta(model_config) -> float:
@@ -179,7 +183,8 @@ def write_gguf(path: Path, model_config, tokenizer_dir: Path, tensors: list[GGUF
     writer = GGUFWriter(path, MODEL_ARCH_NAMES[arch])
     writer.add_name(name)
     _add_architecture(writer, model_config)
-    writer.add_file_type(LlamaFileType[f"MOSTLY_{file_type}"])
+    file_type = FILE_TYPES.get(file_type, file_type)
+    writer.add_file_type(LlamaFileType.ALL_F32 if file_type == "F32" else LlamaFileType[f"MOSTLY_{file_type}"])
     writer.add_quantization_version(GGML_QUANT_VERSION)
     for key, value in metadata.items():
         writer.add_string(key, value)

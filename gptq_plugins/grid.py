@@ -118,7 +118,12 @@ class IntegerGrid:
     def maxq(self) -> int:
         return (1 << self.bits) - 1
 
-    def fit(self, w: torch.Tensor):
+    def bind(self, _weight: torch.Tensor) -> "IntegerGrid":
+        """The grid for one weight (grids whose parameters span groups fix them here)."""
+        return self
+
+    def fit(self, w: torch.Tensor, _group: int = 0):
+        """`(scale, zero)` per row for the columns `w [rows, cols]` of group `_group`."""
         return find_params(w, self.bits, self.sym, self.mse_clip)
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
             dtype = next(block.parameters()).dtype
             followed = reference.follow(block)
             results, rows = quantize_block(block, index, hidden, contexts[index], config, layout, device, hook,
-                                           reference=followed)
+                                           reference=followed, n_blocks=len(source))
             bar.update(len(rows))
             out = propagate(block, hidden, contexts[index], store.new(index + 1, hidden.shape), dtype, device)
             reference.advance(index, followed, contexts[index])

@@ -71,13 +71,13 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
     _check_finite(hessian, "hessian")
     n_groups = config.groups_for(in_features)
     group_size = config.group_size_for(in_features)
-    grid = grid_for(config)
     # Working copies: the weight transposed, so column steps touch contiguous rows.
     w_t = weight.detach().T.to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
     h = hessian.detach().to(device=w_t.device, dtype=torch.float32, copy=True)
     dead = h.diagonal() == 0  # inputs that were always zero carry no signal
     h.diagonal()[dead] = 1
     w_t[dead] = 0
+    grid = grid_for(config).bind(w_t.T)
     if asymmetry is not None:
         _check_finite(asymmetry, "asymmetry")
         asymmetry = asymmetry.detach().to(device=w_t.device, dtype=torch.float32, copy=True)
@@ -159,7 +159,7 @@ def _gptq_columns(w_t, hinv_upper, config, grid, fixed, column_groups, n_groups,
         for i in range(i2 - i1):
             column, group = i1 + i, column_groups[i1 + i]
             if fixed is None and (column == 0 or column_groups[column - 1] != group):
-                scales[group], zeros[group] = grid.fit(w_t[column:column + group_size].T)
+                scales[group], zeros[group] = grid.fit(w_t[column:column + group_size].T, group)
             w, scale, zero = w_t[column], scales[group], zeros[group]
             codes[column] = grid.codes(w, scale, zero)
             q = grid.values(codes[column], scale, zero)
@@ -241,7 +241,7 @@ def rtn(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | No
     out_features, in_features = weight.shape
     _check_finite(weight, "weight")
     w = weight.detach().float()
-    grid = grid_for(config)
+    grid = grid_for(config).bind(w)
     scales, zeros = _contiguous_group_params(w, config, grid)
     g_idx = torch.arange(in_features, device=w.device) // config.group_size_for(in_features)
     codes = grid.codes(w, scales[g_idx].T, zeros[g_idx].T)
@@ -255,17 +255,11 @@ def rtn(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | No
 
 def _contiguous_group_params(w: torch.Tensor, config: QuantizeConfig, grid):
     """`(scales, zeros)`, each `[n_groups, out]`, of contiguous column groups (the last one
-    shorter where group_size does not divide the input), in one call per group length."""
-    out_features, in_features = w.shape
-    group_size = config.group_size_for(in_features)
-    whole = in_features // group_size * group_size
-    parts = []
-    for columns in (w[:, :whole], w[:, whole:]):
-        if columns.shape[1]:
-            rows = columns.reshape(-1, min(group_size, columns.shape[1]))
-            parts.append([p.reshape(out_features, -1) for p in
-                          grid.fit(rows)])
-    return tuple(torch.cat([part[i] for part in parts], dim=1).T.contiguous() for i in range(2))
+    shorter where group_size does not divide the input)."""
+    group_size = config.group_size_for(w.shape[1])
+    params = [grid.fit(w[:, start:start + group_size], group)
+              for group, start in enumerate(range(0, w.shape[1], group_size))]
+    return tuple(torch.stack([p[i] for p in params]) for i in range(2))
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -195,3 +195,32 @@ def gguf_reference_model(model_dir: str | os.PathLike, gguf_path: str | os.PathL
         state[name] = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
     model.load_state_dict(state)
     return model.eval()
+
+
+def llama_cpp_quantize(source, out, type_name: str, imatrix: dict | None = None, threads: int = 2) -> None:
+    """llama.cpp's own quantizer (`llama-quantize`, through llama-cpp-python) from the float GGUF
+    `source` to `out`; embeddings and head Q8_0 as ours. `imatrix`: GGUF tensor name -> float32
+    importance per input column (what `llama-imatrix` computes)."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
+    params.nthread = threads
+    params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
+    params.output_tensor_type = llama_cpp.GGML_TYPE_Q8_0
+    keep = []  # the buffers must outlive the call
+    if imatrix is not None:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(values)
+            entries[i].name = name.encode()
+            entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = values.size
+        entries[len(imatrix)].name = None  # the list ends at a null name
+        params.imatrix = entries
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to {type_name}")
