@@ -111,9 +111,41 @@ def print_summary(model_dir: Path, artifact_dir: Path) -> None:
               f"{artifact_dir / 'quantization_report.png'})")
 
 
+def _inspect_gguf(path: Path, verbose: bool) -> None:
+    """A GGUF file: architecture, tensors by type, size, and our report's summary when we wrote it."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    from gptq_plugins.artifact import ArtifactError, read_report
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as err:
+        raise ArtifactError(f"{path}: not a readable GGUF file ({err})") from None
+    arch = reader.get_field("general.architecture")
+    by_type = Counter(t.tensor_type.name for t in reader.tensors)
+    print(f"{path}: GGUF {arch.contents() if arch else '?'}, {len(reader.tensors)} tensors "
+          f"({', '.join(f'{n} {name}' for name, n in sorted(by_type.items()))}), {path.stat().st_size / 2**20:.1f} MiB")
+    try:
+        report = read_report(path)
+    except ArtifactError:
+        print("  not written by gptq-plugins (no report)")
+    else:
+        summary = report["summary"]
+        print(f"  gptq-plugins {report['config']['gguf_type']}: {summary['layers']} layers, mean relative error "
+              f"{summary['mean_relative_error']:.5f} (round-to-nearest {summary['mean_rtn_relative_error']:.5f})")
+    if verbose:
+        for tensor in reader.tensors:
+            print(f"    {tensor.name}: {tensor.tensor_type.name} {list(reversed(tensor.shape.tolist()))}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from gptq_plugins.artifact import read_artifact, verify_checksums
 
+    if Path(args.artifact).is_file():
+        _inspect_gguf(Path(args.artifact), args.verbose)
+        return
     artifact = read_artifact(args.artifact)
     verified = verify_checksums(artifact)
     cfg = artifact.config
@@ -211,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("output", help="artifact directory to create")
     add_quantize_arguments(quantize)
     quantize.set_defaults(handler=lambda a: run_quantize(a.model, a.output, a))
-    inspect = sub.add_parser("inspect", help="validate an artifact and describe it")
+    inspect = sub.add_parser("inspect", help="validate an artifact (or a .gguf file) and describe it")
     inspect.add_argument("artifact")
     inspect.set_defaults(handler=cmd_inspect)
     convert = sub.add_parser("convert", help="rewrite a checkpoint's quant_method (gptq <-> gptq_plugins); "
@@ -223,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     convert.set_defaults(handler=cmd_convert)
     evaluate = sub.add_parser("eval", help="perplexity of a model or artifact on held-out text")
-    evaluate.add_argument("model", help="model or artifact directory")
+    evaluate.add_argument("model", help="model or artifact directory, or a .gguf file")
     evaluate.add_argument("--dataset", default="builtin",
                           help="builtin (the eval split calibration never sees) or a UTF-8 text file (.txt or no extension)")
     evaluate.add_argument("--seq-len", type=int, default=None,

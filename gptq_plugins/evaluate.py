@@ -98,8 +98,25 @@ def _quantization_config(path: Path) -> dict | None:
     return config.get("quantization_config")
 
 
+def _load_gguf(path: Path):
+    """A GGUF file as Transformers reads it: weights dequantized by `gguf` (the values llama.cpp
+    multiplies with), tokenizer from the file's metadata."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptq_plugins.artifact import ArtifactError, read_report
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        quantization = read_report(path)["config"]
+    except ArtifactError:  # a GGUF file another tool wrote
+        quantization = {"gguf_file": path.name}
+    return model.eval(), tokenizer, quantization
+
+
 def load_for_eval(path: str | os.PathLike, *, trust_remote_code: bool = False):
-    """`(model, tokenizer, quantization_config or None)` for a float model or an artifact directory.
+    """`(model, tokenizer, quantization_config or None)` for a float model, an artifact directory
+    or a .gguf file.
 
     Artifacts are validated by the core reader first (errors name the file and tensor), then
     loaded by `AutoModelForCausalLM.from_pretrained`, which hands them to the Transformers adapter.
@@ -108,6 +125,8 @@ def load_for_eval(path: str | os.PathLike, *, trust_remote_code: bool = False):
     from gptq_plugins.model_loading import load_model
 
     path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path)
     quantization = _quantization_config(path)
     if quantization is None:
         model, tokenizer = load_model(path, trust_remote_code=trust_remote_code)
@@ -139,6 +158,7 @@ def evaluate(path: str | os.PathLike, *, dataset: str = "builtin", seq_len: int 
         raise ConfigError("seq_len", f"{seq_len} exceeds the model's context length {limit}")
     tokens = heldout_tokens(dataset, tokenizer, max_tokens)
     result = perplexity(model, tokens, seq_len, bos=added_bos(tokenizer))
-    return {"model": str(Path(path).resolve()), "kind": "artifact" if quantization else "float",
+    kind = "gguf" if Path(path).suffix == ".gguf" else "artifact" if quantization else "float"
+    return {"model": str(Path(path).resolve()), "kind": kind,
             "quantization_config": quantization, "dataset": dataset, **result,
             "seconds": round(time.perf_counter() - start, 2)}

@@ -1,5 +1,6 @@
 """llama.cpp (llama-cpp-python, built from source by `make venv`) loads our GGUF files and computes
-what a Transformers model holding the same dequantized weights computes.
+what a Transformers model holding the same dequantized weights computes; Transformers itself
+loads the files too (`from_pretrained(dir, gguf_file=...)`, also `gptq-plugins eval FILE.gguf`).
 
 llama.cpp multiplies quantized weights with activations it rounds to Q8_0 (Q8_K for the K-quants),
 so its logits sit 1-1.6% (RMS) from the exact product, for llama.cpp's own files as for ours; the
@@ -77,3 +78,16 @@ def test_mixture_gives_each_tensor_the_type_llama_quantize_gives_it(tiny, tmp_pa
     types = [{t.name: t.tensor_type.name for t in GGUFReader(path).tensors} for path in (ours, theirs)]
     assert types[0] == types[1]
     assert {"Q6_K", GGUF_MIXTURES[type_name][0]} <= set(types[0].values())
+
+
+def test_transformers_reads_the_file_and_its_tokenizer_as_written(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    from gptq_plugins.evaluate import load_for_eval
+
+    out = _quantize(tiny, tmp_path / "tiny-Q4_K_M.gguf", "Q4_K_M")
+    model, tokenizer, quantization = load_for_eval(out)
+    assert quantization["gguf_type"] == "Q4_K_M"
+    assert np.array_equal(_logits(model), _logits(gguf_reference_model(tiny, out)))
+    text = "GPTQ: 12 blocks of 32 inputs, quantized; llama.cpp reads them."
+    assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny)(text)["input_ids"]

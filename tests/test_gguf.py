@@ -160,6 +160,11 @@ def test_cli_writes_a_complete_gguf_file(tiny, tmp_path, capsys):
     report = read_report(out)
     assert report["config"]["gguf_type"] == "Q4_1" and report["summary"]["layers"] == 14
     assert report["summary"]["mean_relative_error"] < report["summary"]["mean_rtn_relative_error"]
+    assert main(["inspect", str(out)]) == 0
+    assert "GGUF llama, 21 tensors (5 F32, 14 Q4_1, 2 Q8_0)" in capsys.readouterr().out
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert main(["inspect", str(tmp_path / "notes.txt")]) == 2
+    assert "not a readable GGUF file" in capsys.readouterr().err
 
 
 def test_gguf_output_never_replaces_what_is_not_ours(tiny, tmp_path):
