@@ -32,7 +32,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCHMARKS] + [str(BENCHMARKS)]
 from quality import LICENSES, README, REAL_EVAL_TEXTS, RESULTS_DIR  # noqa: E402
 
-TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 SEQ_LEN = 512
 NUM_SAMPLES = 64  # the calibration of benchmarks/quality.py's SmolLM2 runs
 MARKERS = ("<!-- gguf-table:start -->", "<!-- gguf-table:end -->")
