@@ -8,7 +8,9 @@ written there from the shards and the float tensors, then renamed to the output 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -48,7 +50,10 @@ def write_float_gguf(model_dir: str | Path, out_path: str | Path, *, file_type: 
         with safe_open(model_dir / file, framework="pt") as f:
             tensors.append(float_tensor(name, f.get_tensor(name), model_config, GGMLQuantizationType[file_type]))
     tensors.sort(key=lambda t: _file_order(t.name))
-    partial = out_path.with_name(f".{out_path.name}.partial")
+    # A fresh name of our own (never a file the user has), so the cleanup removes only what we wrote.
+    handle, name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent)
+    os.close(handle)
+    partial = Path(name)
     try:
         write_gguf(partial, model_config, model_dir, tensors, name=model_dir.name, file_type=file_type,
                    metadata={GGUF_WRITER_KEY: f"{WRITER_MARK}{__version__}"})
