@@ -2,7 +2,8 @@
 
 Triton kernels run on CPU under TRITON_INTERPRET=1 (set before they are imported) and must be
 bit-identical for packing and dequantization and within output rounding for the matmul, on
-shapes that are not multiples of the block sizes. The CPU int4 path must reproduce the
+shapes that are not multiples of the block sizes. The CPU paths (the int4 op for 2/3/4-bit, the
+same op on nibble pairs for 8-bit, tile-wise dequantization for many rows) must reproduce the
 reference dequantization exactly where bfloat16 can hold it.
 """
 
@@ -18,9 +19,12 @@ import pytest
 import torch
 from test_packing import random_quantized
 
-from gptq_plugins.kernels import BackendUnsupported
+from gptq_plugins.kernels import BackendUnsupported, cpu_dispatch, tiled_dequant
 from gptq_plugins.kernels.cpu_int4 import convert_to_int4pack, int4pack_matmul
-from gptq_plugins.packing import dequantize_packed, pack_quantized
+from gptq_plugins.kernels.cpu_int8 import convert_to_nibble_pairs, nibble_pairs_matmul
+from gptq_plugins.kernels.tiled_dequant import tiled_dequant_matmul, unpack_tile
+from gptq_plugins.packing import dequantize_packed, pack_quantized, unpack_rows
+from gptq_plugins.quant_linear import QuantLinear
 
 BITS = (2, 3, 4, 8)
 
@@ -263,3 +267,89 @@ def test_int4_takes_any_group_assignment_with_a_common_sub_group():
     assert weight.op_group_size == 32
     w_t = int4pack_matmul(torch.eye(128, dtype=torch.bfloat16), weight)
     assert torch.equal(w_t.float().T, dequantize_packed(**packed, bits=4))
+
+
+# ----------------------------------------------------------------------------- CPU int8 (nibble pairs)
+GROUPINGS = [(512, 32), (512, 128), (512, -1), (576, 128), (480, 192)]  # the last two ragged
+
+
+@pytest.mark.parametrize("in_features, group_size", GROUPINGS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int8_nibble_pairs_reproduce_reference_in_bfloat16(in_features, group_size, act_order):
+    """Both nibbles' weights are summed in float32 inside the op and rounded once: the reference
+    rounded to bfloat16, exactly (scales bfloat16 holds; the zero term then needs <= 16 bits)."""
+    n_groups = 1 if group_size == -1 else -(-in_features // group_size)
+    packed = pack_quantized(random_quantized(32, in_features, 8, group_size, act_order, seed=8,
+                                             scales=_bf16_exact_scales(n_groups, 32, seed=4)))
+    weight = convert_to_nibble_pairs(**packed)
+    w_t = nibble_pairs_matmul(torch.eye(in_features, dtype=torch.bfloat16), weight)
+    assert torch.equal(w_t.T, dequantize_packed(**packed, bits=8).to(torch.bfloat16))
+
+
+def test_int8_symmetric_zero_term_needs_no_low_part():
+    """z = 128: the zero term is 8 * scale, which bfloat16 holds, so the low nibbles' offset is 0."""
+    qw = random_quantized(32, 256, 8, 128, act_order=False, seed=5)
+    qw.zeros.fill_(128)
+    weight = convert_to_nibble_pairs(**pack_quantized(qw))
+    offsets = weight.scales_and_zeros[..., 1]
+    n_high = offsets.shape[0] // 2
+    assert offsets[:n_high].any() and not offsets[n_high:].any()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int8_matmul_within_bfloat16_tolerance(act_order):
+    """Arbitrary float16 scales and asymmetric zeros: off by bfloat16 rounding only (a zero term
+    carried in one bfloat16 would be off by up to a quarter step of the 8-bit grid)."""
+    packed = pack_quantized(random_quantized(64, 256, 8, 128, act_order, seed=2))
+    x = torch.randn(14, 256)
+    y = nibble_pairs_matmul(x, convert_to_nibble_pairs(**packed))
+    assert y.dtype == torch.float32
+    reference = x @ dequantize_packed(**packed, bits=8).T
+    torch.testing.assert_close(y, reference, rtol=0, atol=0.006 * reference.abs().max().item())
+
+
+# ----------------------------------------------------------------------------- tiled dequantize
+@pytest.mark.parametrize("bits", BITS)
+def test_unpack_tile_is_the_reference_unpacking(bits):
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (3 * bits, 40), dtype=torch.int32)  # sign bits set too
+    assert torch.equal(unpack_tile(words, bits), unpack_rows(words, bits, 96))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("in_features, group_size", GROUPINGS)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_tiled_dequant_is_the_reference_in_its_compute_dtype(bits, in_features, group_size, act_order,
+                                                               monkeypatch):
+    """Tiles of 16 columns, so 96 outputs take six: each equals the reference, rounded once."""
+    monkeypatch.setattr(tiled_dequant, "TILE_ELEMENTS", 16 * in_features)
+    packed = pack_quantized(random_quantized(96, in_features, bits, group_size, act_order, seed=bits))
+    reference = dequantize_packed(**packed, bits=bits)
+    for dtype in (torch.bfloat16, torch.float32):
+        w_t = tiled_dequant_matmul(torch.eye(in_features), **packed, bits=bits, compute_dtype=dtype)
+        assert w_t.dtype == torch.float32
+        assert torch.equal(w_t.T, reference.to(dtype).float()), dtype
+
+
+@pytest.mark.parametrize("bits, backend", [(4, "cpu_int4"), (3, "cpu_int4"), (8, "cpu_int8")])
+def test_cpu_backends_dequantize_tiles_from_the_crossover(bits, backend, monkeypatch):
+    """Below the crossover the op runs, from it the tiled path: each gives its own exact result."""
+    monkeypatch.setattr(cpu_dispatch, "tiled_from_rows", lambda op_weights_per_weight=1: 5)
+    layer = QuantLinear.from_quantized(random_quantized(64, 256, bits, 64, act_order=True, seed=3),
+                                       dtype=torch.float32)
+    layer.post_init(backend=backend)
+    kernel = convert_to_nibble_pairs if bits == 8 else lambda **p: convert_to_int4pack(**p, bits=bits)
+    matmul = nibble_pairs_matmul if bits == 8 else int4pack_matmul
+    tensors = {name: getattr(layer, name) for name in ("qweight", "qzeros", "scales", "g_idx")}
+    for rows, expected in ((4, lambda x: matmul(x, kernel(**tensors))),
+                           (5, lambda x: tiled_dequant_matmul(x, **tensors, bits=bits,
+                                                              compute_dtype=torch.bfloat16))):
+        x = torch.randn(rows, 256)
+        assert torch.equal(layer(x), expected(x)), rows
+
+
+def test_crossover_follows_the_cpu_kind(monkeypatch):
+    for kind in ("AVX-512 + bfloat16", "AVX2"):
+        monkeypatch.setattr(cpu_dispatch, "cpu_features", lambda kind=kind: type("F", (), {"kind": kind}))
+        assert cpu_dispatch.tiled_from_rows(2) == cpu_dispatch.TILED_FROM_ROWS[kind][2]
+    monkeypatch.setattr(cpu_dispatch, "cpu_features", lambda: type("F", (), {"kind": "AVX-512"}))
+    assert cpu_dispatch.tiled_from_rows(1) == cpu_dispatch.TILED_FROM_ROWS["AVX2"][1]

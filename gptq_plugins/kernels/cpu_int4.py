@@ -15,6 +15,8 @@ The op takes one scale per 32/64/128/256 inputs: larger groups (group_size=-1 is
 in_features, a ragged last group is shorter) repeat their scale over sub-groups of a length that
 divides every group. Act-order weights are stored with
 their input columns sorted by group, and each call gathers the activations in that order.
+Calls of many rows skip the op for `tiled_dequant`, which reads the checkpoint tensors
+(`cpu_dispatch` says from how many rows).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from gptq_plugins.kernels.base import BackendUnsupported
+from gptq_plugins.kernels.cpu_dispatch import uses_tiled_dequant
+from gptq_plugins.kernels.tiled_dequant import tiled_dequant_matmul
 from gptq_plugins.packing import check_packed, dequantize_packed, unpack_rows, unpack_zeros
 
 OP_BITS = (2, 3, 4)  # code widths whose codes fit the op's 4-bit codes
@@ -31,7 +35,7 @@ OP_GROUP_SIZES = (256, 128, 64, 32)  # what the op accepts, largest (fewest scal
 OP_CODE_OFFSET = 8  # the op dequantizes (q - 8) * scale + offset
 OP_OUT_MULTIPLE = 16  # the op's packing needs out_features divisible by 16
 INNER_K_TILES = 8  # packing parameter of the CUDA layout; the CPU layout does not depend on it
-# From about this many rows a bfloat16 matmul beats the int4 kernel 2-3x (benchmarks/kernels.py).
+# From about this many rows a cached bfloat16 matmul beats the int4 kernel 2-3x (benchmarks/kernels.py).
 PREFILL_ROWS = 32
 
 
@@ -48,6 +52,21 @@ def convert_to_int4pack(qweight, qzeros, scales, g_idx, bits: int = 4) -> Int4Pa
     if bits not in OP_BITS:
         raise BackendUnsupported(f"bits={bits}: the int4 op holds codes of {list(OP_BITS)} bits")
     in_features, out_features, n_groups = check_packed(qweight, qzeros, scales, g_idx, bits)
+    codes = unpack_rows(qweight, bits, in_features)  # [in, out]
+    zeros = unpack_zeros(qzeros, bits, out_features)  # [n_groups, out]
+    scale = scales.to(torch.bfloat16)
+    if bits < 4:  # q - z + 8 stays in 0..15: the zero point moves into the codes, the offset is exactly 0
+        codes = codes - zeros[g_idx.long()] + OP_CODE_OFFSET
+        offset = torch.zeros_like(scale)
+    else:
+        offset = ((OP_CODE_OFFSET - zeros) * scale.float()).to(torch.bfloat16)
+    return pack_for_op(codes, scale, offset, g_idx, n_groups)
+
+
+def pack_for_op(codes, scale, offset, g_idx, n_groups: int) -> Int4PackedWeight:
+    """The op's weight for 4-bit `codes [in, out]` with bfloat16 `scale`, `offset [n_groups, out]`
+    and input groups `g_idx`; raises BackendUnsupported for shapes the op lacks."""
+    in_features, out_features = codes.shape
     if out_features % OP_OUT_MULTIPLE:
         raise BackendUnsupported(f"out_features={out_features} is not a multiple of {OP_OUT_MULTIPLE}")
     # Sorting columns by group makes every group contiguous (act-order included); the op then
@@ -60,14 +79,6 @@ def convert_to_int4pack(qweight, qzeros, scales, g_idx, bits: int = 4) -> Int4Pa
         lengths = sorted(set(counts.tolist()))
         raise BackendUnsupported(f"groups of {lengths} columns: the op needs every group's length to be "
                                  f"a multiple of one of {list(OP_GROUP_SIZES)}")
-    codes = unpack_rows(qweight, bits, in_features)  # [in, out]
-    zeros = unpack_zeros(qzeros, bits, out_features)  # [n_groups, out]
-    scale = scales.to(torch.bfloat16)
-    if bits < 4:  # q - z + 8 stays in 0..15: the zero point moves into the codes, the offset is exactly 0
-        codes = codes - zeros[g_idx.long()] + OP_CODE_OFFSET
-        offset = torch.zeros_like(scale)
-    else:
-        offset = ((OP_CODE_OFFSET - zeros) * scale.float()).to(torch.bfloat16)
     in_order = torch.equal(order, positions)
     if not in_order:
         codes = codes[order]
@@ -87,8 +98,19 @@ def int4pack_matmul(x: torch.Tensor, weight: Int4PackedWeight) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def op_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def supported_group_size(group_size: int) -> bool:
+    """Whether sub-groups the op takes can divide such groups (a ragged last group is checked
+    by `pack_for_op`)."""
+    return group_size == -1 or group_size % min(OP_GROUP_SIZES) == 0
+
+
 class CpuInt4Backend:
-    """2/3/4-bit layers on CPU through PyTorch's int4 kernel (see the module docstring)."""
+    """2/3/4-bit layers on CPU through PyTorch's int4 kernel (see the module docstring); calls of
+    many rows (prefill, batched decode) dequantize tile by tile instead (`cpu_dispatch`)."""
 
     name = "cpu_int4"
     priority = 50
@@ -98,13 +120,15 @@ class CpuInt4Backend:
 
     def supports(self, device_type, bits, group_size, desc_act, dtype) -> bool:
         return (device_type == "cpu" and bits in OP_BITS and dtype.is_floating_point
-                and (group_size == -1 or group_size % min(OP_GROUP_SIZES) == 0)
-                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+                and supported_group_size(group_size) and op_available())
 
     def prepare(self, layer) -> Int4PackedWeight:
         return convert_to_int4pack(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if uses_tiled_dequant(x.shape[0]):
+            return tiled_dequant_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                                        torch.bfloat16)
         return int4pack_matmul(x, layer.kernel_state)
 
 
