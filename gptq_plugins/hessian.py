@@ -16,16 +16,23 @@ log = logging.getLogger("gptq_plugins")
 STRIP_COLUMNS = 256
 
 
+def symmetric_from_upper(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is `upper`'s."""
+    return upper.triu() + upper.triu(1).T
+
+
 class HessianAccumulator:
     """Running Hessian of one Linear's inputs, fed batch by batch from a calibration loop.
 
-    It keeps the running *mean* of `x x^T` (rescaled by n/(n+m) inside the GEMM) so values stay
-    at the magnitude of one token's outer product however many tokens are seen, and it always
-    accumulates in float32 whatever the inputs' dtype.
+    It keeps the unnormalised *sum* of `x x^T` in float64, whatever the inputs' dtype: each
+    batch's product (a float32 or bfloat16 GEMM) is added to it, and sums of float32 products in
+    float64 come out the same in any order in practice (53 bits hold a float32 product's 24 with
+    29 to spare for their spread), so partial sums over shares of the samples (ranks of a
+    distributed run) add up to the sum one process computes, bit for bit.
 
     `matmul_dtype=torch.bfloat16` rounds the inputs and each batch's product to bfloat16 before
-    adding it to the float32 mean: about 2x faster where bfloat16 GEMMs are (AVX512-BF16/AMX
-    CPUs, GPUs), much slower where they are emulated; see benchmarks/solver.py for its error.
+    adding it: about 2x faster where bfloat16 GEMMs are (AVX512-BF16/AMX CPUs, GPUs), much slower
+    where they are emulated; see benchmarks/solver.py for its error.
     """
 
     def __init__(self, in_features: int, device: torch.device | str | None = None, *,
@@ -36,7 +43,7 @@ class HessianAccumulator:
         self.matmul_dtype = matmul_dtype
         self.num_tokens = 0
         self._device = device  # None: the device of the first inputs
-        self._mean_upper: torch.Tensor | None = None  # upper triangle of mean(x x^T)
+        self._sum_upper: torch.Tensor | None = None  # upper triangle of sum(x x^T), float64
 
     def add(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add the tokens of `x [..., in_features]`; `mask [...]` (0/1) drops padding tokens."""
@@ -51,54 +58,61 @@ class HessianAccumulator:
             tokens = tokens[mask.reshape(-1).to(device=tokens.device, dtype=torch.bool)]
         if tokens.shape[0] == 0:
             return
-        mean_upper = self._buffer(tokens.device)
-        tokens = tokens.to(device=mean_upper.device, dtype=self.matmul_dtype)
-        total = self.num_tokens + tokens.shape[0]
-        keep, scale = self.num_tokens / total, 1.0 / total
+        sum_upper = self.partial_sum(tokens.device)
+        tokens = tokens.to(device=sum_upper.device, dtype=self.matmul_dtype)
         for c0 in range(0, self.in_features, STRIP_COLUMNS):
             c1 = c0 + STRIP_COLUMNS
-            strip = mean_upper[c0:c1, c0:]
-            if self.matmul_dtype == torch.float32:
-                strip.addmm_(tokens[:, c0:c1].T, tokens[:, c0:], beta=keep, alpha=scale)
-            else:  # no mixed-dtype addmm: the bfloat16 product is added to the float32 mean
-                strip.mul_(keep).add_(tokens[:, c0:c1].T @ tokens[:, c0:], alpha=scale)
-        self.num_tokens = total
+            sum_upper[c0:c1, c0:].add_(tokens[:, c0:c1].T @ tokens[:, c0:])
+        self.num_tokens += tokens.shape[0]
+
+    def partial_sum(self, fallback_device=None) -> torch.Tensor:
+        """float64 `[in, in]` whose upper triangle is `sum x x^T` over the tokens added so far."""
+        if self._sum_upper is None:
+            device = self._device if self._device is not None else fallback_device or "cpu"
+            self._sum_upper = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=device)
+        return self._sum_upper
 
     def hessian(self) -> torch.Tensor:
         """float32 `[in, in]` equal to `2/N sum x x^T` over the N tokens added (zeros if none)."""
-        mean_upper = self._buffer(self._device or "cpu")
-        return 2 * (mean_upper.triu() + mean_upper.triu(1).T)
+        return hessian_from_sum(self.partial_sum(), self.num_tokens)
 
-    def _buffer(self, fallback_device) -> torch.Tensor:
-        if self._mean_upper is None:
-            device = self._device if self._device is not None else fallback_device
-            self._mean_upper = torch.zeros(self.in_features, self.in_features,
-                                           dtype=torch.float32, device=device)
-        return self._mean_upper
+
+def hessian_from_sum(sum_upper: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """float32 `2/N sum x x^T` from a `partial_sum` (or several added up) over `num_tokens` tokens."""
+    return (symmetric_from_upper(sum_upper) * (2 / max(num_tokens, 1))).float()
 
 
 class AsymmetryAccumulator:
     """Running `2/N sum_t (r_t - x_t) x_t^T` of GPTAQ: how the float model's inputs `r` to a Linear
-    differ from the quantized model's `x`, scaled like the Hessian so the two combine directly."""
+    differ from the quantized model's `x`, scaled like the Hessian so the two combine directly.
+    Kept as a float64 sum, like `HessianAccumulator`."""
 
     def __init__(self, in_features: int, device: torch.device | str | None = None):
         self.in_features = in_features
         self.num_tokens = 0
-        self._mean = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
 
     def add(self, reference: torch.Tensor, x: torch.Tensor) -> None:
         """Add matching tokens: `reference` and `x` are `[..., in_features]` of the same shape."""
         if reference.shape != x.shape or x.shape[-1] != self.in_features:
             raise ValueError(f"float and quantized inputs must both be [..., {self.in_features}], got "
                              f"{tuple(reference.shape)} and {tuple(x.shape)}")
-        x = x.reshape(-1, self.in_features).to(self._mean)
-        delta = reference.reshape(-1, self.in_features).to(self._mean) - x
-        total = self.num_tokens + x.shape[0]
-        self._mean.addmm_(delta.T, x, beta=self.num_tokens / total, alpha=1.0 / total)
-        self.num_tokens = total
+        x = x.reshape(-1, self.in_features).to(device=self._sum.device, dtype=torch.float32)
+        delta = reference.reshape(-1, self.in_features).to(x) - x
+        self._sum.add_(delta.T @ x)
+        self.num_tokens += x.shape[0]
+
+    def partial_sum(self) -> torch.Tensor:
+        """float64 `sum (r - x) x^T` over the tokens added so far."""
+        return self._sum
 
     def asymmetry(self) -> torch.Tensor:
-        return 2 * self._mean
+        return asymmetry_from_sum(self._sum, self.num_tokens)
+
+
+def asymmetry_from_sum(total: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """float32 `2/N sum (r - x) x^T` from a `partial_sum` (or several added up) over `num_tokens` tokens."""
+    return (total * (2 / max(num_tokens, 1))).float()
 
 
 def resolve_hessian_dtype(name: str, device: torch.device | str) -> str:

@@ -47,6 +47,24 @@ def test_batch_splitting_does_not_change_the_hessian(batch_sizes, seed):
     torch.testing.assert_close(parts.hessian(), _direct(x), rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=2, max_size=8), st.integers(1, 7), st.integers(0, 2**16))
+def test_partial_sums_over_shares_of_the_batches_give_the_same_bits(batch_sizes, cut, seed):
+    """What ranks of a distributed run rely on: the batches shared out, the partial sums added up."""
+    x = torch.randn(sum(batch_sizes), 37, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+    batches = torch.split(x, batch_sizes)
+    cut = min(cut, len(batches) - 1)
+    whole, first, second = HessianAccumulator(37), HessianAccumulator(37), HessianAccumulator(37)
+    for batch in batches:
+        whole.add(batch)
+    for share, part in ((first, batches[:cut]), (second, batches[cut:])):
+        for batch in part:
+            share.add(batch)
+    added = hessian_module.hessian_from_sum(first.partial_sum() + second.partial_sum(),
+                                            first.num_tokens + second.num_tokens)
+    assert torch.equal(added, whole.hessian())
+
+
 def test_mask_excludes_padding_tokens():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 9, 20, generator=g)
