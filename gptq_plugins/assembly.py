@@ -15,6 +15,7 @@ import torch
 from gptq_plugins.artifact import ArtifactWriter
 from gptq_plugins.calibration import CalibrationSet
 from gptq_plugins.config import ConfigError, QuantizeConfig
+from gptq_plugins.distributed import SINGLE
 from gptq_plugins.layouts import ModelLayout
 from gptq_plugins.model_loading import SourceModel
 from gptq_plugins.packing import pack_quantized
@@ -76,12 +77,15 @@ class ArtifactAssembly:
     """One run's artifact in the making, resumed from the partial output's checkpoint when there is one."""
 
     def __init__(self, writer: ArtifactWriter, model: torch.nn.Module, layout: ModelLayout, config: QuantizeConfig,
-                 *, progress: bool = True):
+                 *, progress: bool = True, ranks=SINGLE):
         self.writer, self.model, self.layout, self.config = writer, model, layout, config
-        self.progress = progress
+        self.progress, self.ranks = progress, ranks
         self.state = writer.state
         if self.state is not None and self.state["config"] != config.to_dict():
             raise ConfigError("resume", f"the interrupted run used other options: {self.state['config']}")
+        if self.state is not None and self.state.get("world_size", 1) != ranks.world_size:
+            raise ConfigError("resume", f"the interrupted run had {self.state.get('world_size', 1)} ranks, this one "
+                              f"has {ranks.world_size}; resume it with as many processes")
         self.rows: list[dict] = self.state["rows"] if self.state else []
         self.next_block: int = self.state["next_block"] if self.state else 0
 
@@ -107,8 +111,11 @@ class ArtifactAssembly:
                                                self.model.get_submodule(path).bias))
         self.rows.extend(rows)
         self.store.persist(index + 1, next_hidden)
-        self.writer.checkpoint({"config": self.config.to_dict(), "next_block": index + 1, "rows": self.rows,
-                                "calibration": {"dataset": self.calibration.dataset, "seed": self.calibration.seed}})
+        # Every rank's hidden states are durable before the checkpoint names this block finished.
+        self.ranks.after_all(lambda: self.writer.checkpoint({
+            "config": self.config.to_dict(), "next_block": index + 1, "rows": self.rows,
+            "world_size": self.ranks.world_size,
+            "calibration": {"dataset": self.calibration.dataset, "seed": self.calibration.seed}}))
 
     layer_tensors = staticmethod(packed_tensors)  # what one quantized Linear becomes in this format
 
@@ -132,3 +139,21 @@ class ArtifactAssembly:
                                                                               self.calibration),
                                   report=run_report(self.config, self.layout, self.rows, device),
                                   copy_from=source.directory)
+
+
+class RankShare:
+    """What a rank other than the writer does for the artifact: it keeps its share of the hidden
+    states at each block boundary (for `--resume`) in its own scratch directory, and writes nothing."""
+
+    def __init__(self, ranks, out_dir: Path, next_block: int):
+        self.ranks, self.out_dir, self.next_block = ranks, out_dir, next_block
+
+    def begin(self, calibration, store: ActivationStore) -> None:
+        self.store = store
+
+    def add_block(self, index: int, results, rows, next_hidden: torch.Tensor) -> None:
+        self.store.persist(index + 1, next_hidden)
+        self.ranks.after_all()
+
+    def finish(self, source, blocks, device) -> Path:
+        return self.out_dir

@@ -14,10 +14,11 @@ from gptq_plugins.calibration import CalibrationError
 from gptq_plugins.capture import BatchContext, StopForward, run_block
 from gptq_plugins.config import QuantizeConfig
 from gptq_plugins.gptaq import UNPAIRED, FloatBlock, Unpaired
-from gptq_plugins.hessian import HessianAccumulator
+from gptq_plugins.hessian import HessianAccumulator, asymmetry_from_sum, hessian_from_sum
 from gptq_plugins.layouts import ModelLayout
 from gptq_plugins.linear_weights import features, read_weight, write_weight
-from gptq_plugins.solver import QuantizedWeight, quantize_weight, rtn
+from gptq_plugins.distributed import SINGLE, solve_cost
+from gptq_plugins.solver import QuantizedWeight, grid_for, quantize_weight, rtn
 
 log = logging.getLogger("gptq_plugins")
 # An expert calibrated on fewer routed tokens than this fraction of its input width gets
@@ -92,14 +93,57 @@ def _collect_hessians(block, linears: dict[str, torch.nn.Module], hidden, contex
     return accumulators
 
 
+def _combined_statistics(statistics: dict[str, InputStatistics], linears: dict[str, torch.nn.Module],
+                         owners: dict[str, int], reference: FloatBlock | Unpaired, ranks) -> dict[str, tuple]:
+    """`{name: (hessian, tokens, asymmetry)}` over every rank's samples, for the Linears this rank solves.
+
+    One Hessian per distinct input (shared by q/k/v, gate/up): the ranks' partial sums are added
+    up on each rank that owns a Linear fed it. Which Linear first took an input is agreed over
+    the ranks, since an expert may run on one rank's tokens and not another's.
+    """
+    names = list(linears)
+    fed_by = ranks.union_max([names.index(statistics[name].owner) if name in statistics else -1
+                              for name in names])
+    combined = {}
+    for first in sorted(set(fed_by) - {-1}):
+        sharing = [name for name, feeder in zip(names, fed_by) if feeder == first]
+        stats = statistics.get(names[first])
+        parts, tokens = None, 0
+        if stats is not None:
+            asymmetry = reference.asymmetry(stats.owner)
+            parts = [stats.hessian.partial_sum()] + ([] if asymmetry is None else [asymmetry.partial_sum()])
+            tokens = stats.hessian.num_tokens
+        in_features = features(linears[names[first]]).in_features
+        sums, tokens = ranks.sum_on([owners[name] for name in sharing], parts, tokens, (in_features, in_features))
+        if sums is not None:
+            hessian = hessian_from_sum(sums[0], tokens)
+            asymmetry = asymmetry_from_sum(sums[1], tokens) if len(sums) > 1 else None
+            combined.update(dict.fromkeys(sharing, (hessian, tokens, asymmetry)))
+    return combined
+
+
+def _result_record(result: QuantizedWeight, row: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"codes": result.codes, "scales": result.scales, "zeros": result.zeros, "g_idx": result.g_idx}
+    return tensors, {"damp_percent": result.damp_percent, "loss": result.loss, "fallback": result.fallback,
+                     "row": row}
+
+
+def _result_from_record(tensors: dict[str, torch.Tensor], meta: dict, config: QuantizeConfig) -> QuantizedWeight:
+    return QuantizedWeight(tensors["codes"], tensors["scales"], tensors["zeros"], tensors["g_idx"], config.bits,
+                           config.group_size, meta["damp_percent"], meta["loss"], meta["fallback"],
+                           grid=grid_for(config))
+
+
 def quantize_block(block, index: int, hidden, contexts: list[BatchContext], config: QuantizeConfig,
                    layout: ModelLayout, device, hook, reference: FloatBlock | Unpaired = UNPAIRED,
-                   n_blocks: int = 1) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+                   n_blocks: int = 1, ranks=SINGLE) -> tuple[dict[str, QuantizedWeight], list[dict]]:
     """GPTQ on every Linear of one block (`index` of `n_blocks`), group by group; weights become
     their dequantized values.
 
-    `reference` is the block's float copy for GPTAQ (see `gptaq`). Returns the solver results by
-    module path and the report rows.
+    `reference` is the block's float copy for GPTAQ (see `gptaq`). With several `ranks` each
+    collects Hessians on its own samples, each Linear is solved by its owner (balanced by solve
+    cost) and the result sent to every rank. Returns the solver results by module path and the
+    report rows.
     """
     dtype = next(block.parameters()).dtype
     results: dict[str, QuantizedWeight] = {}
@@ -112,13 +156,14 @@ def quantize_block(block, index: int, hidden, contexts: list[BatchContext], conf
         statistics = _collect_hessians(block, linears, hidden, contexts, dtype, device,
                                        getattr(torch, config.hessian_dtype),
                                        routed=frozenset(filter(layout.is_expert, group)), reference=reference)
-        # One Hessian per distinct input (shared by q/k/v, gate/up); the running buffers go at once.
-        distinct = {id(stats): stats for stats in statistics.values()}
-        by_input = {key: (stats.hessian.hessian(), stats.hessian.num_tokens, reference.asymmetry(stats.owner))
-                    for key, stats in distinct.items()}
-        hessians = {name: by_input[id(stats)] for name, stats in statistics.items()}
-        del statistics, distinct, by_input
+        owners = ranks.owners({name: solve_cost(features(layer).in_features, features(layer).out_features)
+                               for name, layer in linears.items()})
+        hessians = _combined_statistics(statistics, linears, owners, reference, ranks)
+        del statistics
+        solved = {}
         for name, layer in linears.items():
+            if owners[name] != ranks.rank:
+                continue
             start = time.perf_counter()
             path = f"{layout.blocks}.{index}.{name}"
             hessian, tokens, asymmetry = hessians.pop(name, (None, 0, None))
@@ -129,7 +174,18 @@ def quantize_block(block, index: int, hidden, contexts: list[BatchContext], conf
             if hessian is None:  # an expert no token reached: errors measured on the weights
                 hessian = torch.eye(weight.shape[1], device=weight.device)
             approx = result.dequantize()
-            row = _report_row(path, weight, approx, hessian, result, tokens, layer_config, start)
+            solved[name] = (result, _report_row(path, weight, approx, hessian, result, tokens, layer_config, start),
+                            approx)
+        for name, layer in linears.items():
+            path = f"{layout.blocks}.{index}.{name}"
+            if name in solved:
+                result, row, approx = solved.pop(name)
+                ranks.share(owners[name], *_result_record(result, row))
+            else:
+                tensors, meta = ranks.share(owners[name], None, None)
+                result = _result_from_record(tensors, meta, config.for_layer(name, index, n_blocks,
+                                                                             features(layer).in_features))
+                row, approx = meta["row"], result.dequantize()
             if result.fallback:
                 log.warning("%s: %s", path, result.fallback)
             write_weight(layer, approx)

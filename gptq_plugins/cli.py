@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import MISSING
@@ -64,18 +65,36 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
 
 
 def run_quantize(model: str, output: str, args: argparse.Namespace) -> Path:
-    """Quantize `model` into `output` with the options parsed by `add_quantize_arguments`."""
+    """Quantize `model` into `output` with the options parsed by `add_quantize_arguments`.
+
+    Launched by torchrun (several ranks), every rank runs this: rank 0 checks the inputs and writes
+    the artifact, and the ranks share the work (`gptq_plugins.distributed`).
+    """
+    from gptq_plugins.distributed import launcher_group, options_digest, process_ranks
     from gptq_plugins.pipeline import quantize_model
     from gptq_plugins.validate import check_quantize_inputs
 
     config = config_from_args(args)
-    checked = check_quantize_inputs(model, output, config, trust_remote_code=args.trust_remote_code,
-                                    overwrite=args.overwrite, resume=args.resume)
-    path = quantize_model(checked.model_dir, checked.out_dir, config, calibration=checked.calibration,
-                          device=args.device, trust_remote_code=args.trust_remote_code,
-                          overwrite=args.overwrite, streaming=args.streaming,
-                          offload_activations=args.offload_activations, resume=args.resume)
-    print_summary(checked.model_dir, path)
+    with launcher_group(args.device):
+        ranks = process_ranks()
+        ranks.check_same("options", options_digest({"model": model, "output": output, **{
+            key: value for key, value in vars(args).items() if not callable(value)}}))
+        checked = failure = None
+        if ranks.is_writer:
+            try:
+                checked = check_quantize_inputs(model, output, config, trust_remote_code=args.trust_remote_code,
+                                                overwrite=args.overwrite, resume=args.resume)
+            except Exception as err:  # raised on every rank, so none waits for the others
+                failure = err
+        ranks.agree(failure)
+        path = quantize_model(checked.model_dir if checked else Path(model).resolve(),
+                              checked.out_dir if checked else Path(output).resolve(), config,
+                              calibration=checked.calibration if checked else None,
+                              device=args.device, trust_remote_code=args.trust_remote_code,
+                              overwrite=args.overwrite, streaming=args.streaming,
+                              offload_activations=args.offload_activations, resume=args.resume)
+        if ranks.is_writer:
+            print_summary(checked.model_dir, path)
     return path
 
 
@@ -290,14 +309,17 @@ def run_reporting_errors(prog: str, handler, args: argparse.Namespace) -> int:
     """
     from gptq_plugins.artifact import ArtifactError
     from gptq_plugins.calibration import CalibrationError
+    from gptq_plugins.distributed import DistributedError
     from gptq_plugins.layouts import UnsupportedModelError
     from gptq_plugins.validate import ValidationError
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one of several ranks (torchrun): say which
+        prog = f"{prog} (rank {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']})"
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         handler(args)
     except (ConfigError, ArtifactError, CalibrationError, UnsupportedModelError, ValidationError,
-            FileExistsError, FileNotFoundError, PermissionError) as err:
+            DistributedError, FileExistsError, FileNotFoundError, PermissionError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -54,11 +54,11 @@ class FloatBlock:
             self._accumulators[name] = AsymmetryAccumulator(x.shape[-1], device=self.device)
         self._accumulators[name].add(self._inputs[name], x)
 
-    def asymmetry(self, name: str) -> torch.Tensor:
-        """The asymmetry of the input Linear `name` was paired on; its group's collection is over,
-        so the float inputs and the accumulator are let go."""
+    def asymmetry(self, name: str) -> AsymmetryAccumulator:
+        """The asymmetry accumulated for the input Linear `name` was paired on; its group's
+        collection is over, so the float inputs and the accumulator are let go."""
         self._inputs = {}
-        return self._accumulators.pop(name).asymmetry()
+        return self._accumulators.pop(name)
 
 
 class NoReference:

@@ -10,8 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from gptq_plugins.block_quantization import quantize_block
-from gptq_plugins.capture import capture_block_inputs, propagate
+from gptq_plugins.capture import CALIBRATION_BATCH, capture_block_inputs, propagate
 from gptq_plugins.config import QuantizeConfig
+from gptq_plugins.distributed import SINGLE
 from gptq_plugins.gptaq import reference_for
 from gptq_plugins.layouts import ModelLayout
 from gptq_plugins.plugins import get_plugin_manager
@@ -20,8 +21,11 @@ from gptq_plugins.report import summarize
 
 @torch.no_grad()
 def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calibration: torch.Tensor,
-               store, *, device, start: int = 0, progress: bool = True, on_block_done=None) -> None:
+               store, *, device, start: int = 0, progress: bool = True, on_block_done=None, ranks=SINGLE) -> None:
     """Quantize blocks `start..` of `source` in order, each fed the previous quantized block's outputs.
+
+    With several `ranks` each runs only its own share of the `calibration` samples (and keeps only
+    their hidden states); the writer rank shows the progress.
 
     The inputs of block `start` are `store.load(start)` when resuming (start > 0), else captured by
     running the model's embeddings. `on_block_done(index, results, rows, next_hidden)` is called
@@ -29,6 +33,8 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
     """
     hook = get_plugin_manager().hook
     hidden = None
+    calibration = calibration[ranks.samples(calibration.shape[0], CALIBRATION_BATCH)]
+    progress = progress and ranks.is_writer
 
     def keep(rows, batch_hidden):
         nonlocal hidden
@@ -51,7 +57,7 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
             dtype = next(block.parameters()).dtype
             followed = reference.follow(block)
             results, rows = quantize_block(block, index, hidden, contexts[index], config, layout, device, hook,
-                                           reference=followed, n_blocks=len(source))
+                                           reference=followed, n_blocks=len(source), ranks=ranks)
             bar.update(len(rows))
             out = propagate(block, hidden, contexts[index], store.new(index + 1, hidden.shape), dtype, device)
             reference.advance(index, followed, contexts[index])
