@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gptq_plugins.grid import FLOAT16_MAX, FLOAT16_MIN_SUBNORMAL, dequantize_codes, mse_best, per_leading_dims
+from gptq_plugins.grid import (FLOAT16_MAX, FLOAT16_MIN_SUBNORMAL, IMPORTANCE_FACTORS, dequantize_codes,
+                               least_squares_line, least_squares_scale, per_leading_dims, search_grid)
 from gptq_plugins.gguf_types import GGUFType, base_type
 
 
@@ -23,6 +24,30 @@ def float16_nearest(x: torch.Tensor) -> torch.Tensor:
 def _nonzero(d: torch.Tensor) -> torch.Tensor:
     """A block of zeros gets the smallest float16 step instead of d = 0 (codes would be NaN)."""
     return torch.where(d == 0, torch.full_like(d, FLOAT16_MIN_SUBNORMAL), d)
+
+
+def _or_kept(refitted: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """A least-squares refit where it is defined and keeps the step's sign, else the grid it refits."""
+    return torch.where(torch.isfinite(refitted) & (refitted * kept > 0), refitted, kept)
+
+
+def _line_or_kept(line, scale: torch.Tensor, zero: torch.Tensor):
+    """A least-squares `(step, offset)` where it is defined with a positive step, else `(scale, zero)`."""
+    d, m = line
+    refitted = torch.isfinite(d) & torch.isfinite(m) & (d > 0)
+    return torch.where(refitted, d, scale), torch.where(refitted, m, zero)
+
+
+def _fit(grid, w: torch.Tensor, grid_at, refit, importance: torch.Tensor | None):
+    """`(scale, zero)` per row of `w`: with the columns' importance, the best of a range of grids
+    and their weighted least-squares `refit`s (as llama.cpp's importance-matrix quantizer
+    searches); without, the full range, or GPTQ's `mse` search with `mse_clip`."""
+    if importance is not None:
+        return search_grid(w, grid_at, grid.codes, grid.values, IMPORTANCE_FACTORS, importance, refit)
+    if not grid.mse_clip:
+        scale, zero = grid_at(torch.ones((1, 1), device=w.device), slice(None))
+        return scale[0], zero[0]
+    return search_grid(w, grid_at, grid.codes, grid.values)
 
 
 @dataclass(frozen=True)
@@ -45,12 +70,15 @@ class SymmetricBlockGrid:
     def bind(self, _weight: torch.Tensor) -> "SymmetricBlockGrid":
         return self
 
-    def fit(self, w: torch.Tensor, _group: int = 0):
+    def fit(self, w: torch.Tensor, _group: int = 0, importance: torch.Tensor | None = None):
         w = w.float()
         extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))[:, 0]
-        if not self.mse_clip:
-            return self._grid(extreme)
-        return mse_best(w, lambda factors, rows: self._grid(factors * extreme[rows]), self.codes, self.values)
+        return _fit(self, w, lambda factors, rows: self._grid(factors * extreme[rows]), self.refit, importance)
+
+    def refit(self, w, scale, zero, importance, _rows):
+        """Each grid's float16 step refitted by least squares to its own codes (zero stays)."""
+        d = least_squares_scale(w, self.codes(w, scale, zero) - self.type.zero, importance)
+        return _nonzero(float16_nearest(_or_kept(d, scale))), zero
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         scale, zero = per_leading_dims(scale, w), per_leading_dims(zero, w)
@@ -78,13 +106,16 @@ class AffineBlockGrid:
     def bind(self, _weight: torch.Tensor) -> "AffineBlockGrid":
         return self
 
-    def fit(self, w: torch.Tensor, _group: int = 0):
+    def fit(self, w: torch.Tensor, _group: int = 0, importance: torch.Tensor | None = None):
         w = w.float()
         xmin, xmax = w.amin(dim=1), w.amax(dim=1)
-        if not self.mse_clip:
-            return self._grid(xmin, xmax)
-        return mse_best(w, lambda factors, rows: self._grid(factors * xmin[rows], factors * xmax[rows]),
-                        self.codes, self.values)
+        return _fit(self, w, lambda factors, rows: self._grid(factors * xmin[rows], factors * xmax[rows]),
+                    self.refit, importance)
+
+    def refit(self, w, scale, zero, importance, _rows):
+        """Each grid's float16 step and minimum refitted by least squares to its own codes."""
+        d, m = _line_or_kept(least_squares_line(w, self.codes(w, scale, zero), importance), scale, zero)
+        return _nonzero(float16_nearest(d)), float16_nearest(m)
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         scale, zero = per_leading_dims(scale, w), per_leading_dims(zero, w)
@@ -152,12 +183,21 @@ class SuperBlockGrid:
         dmin = self.super_mins[rows, group // self._per_super]
         return d * sc, -(dmin * torch.round(minimum / dmin).clamp_(0, high))
 
-    def fit(self, w: torch.Tensor, group: int):
+    def fit(self, w: torch.Tensor, group: int, importance: torch.Tensor | None = None):
         w = w.float()
-        if not self.mse_clip:
-            return self._on_lattice(*self._ideal(w), group)
-        return mse_best(w, lambda factors, rows: self._on_lattice(*self._ideal(w[rows].unsqueeze(0), factors),
-                                                                  group, rows), self.codes, self.values)
+        return _fit(self, w, lambda factors, rows: self._on_lattice(*self._ideal(w[rows].unsqueeze(0), factors),
+                                                                    group, rows),
+                    lambda *args: self.refit(*args, group), importance)
+
+    def refit(self, w, scale, zero, importance, rows, group):
+        """Each grid's sub-block scale (and minimum) refitted by least squares to its own codes,
+        then put back on the super-block's lattice."""
+        codes = self.codes(w, scale, zero)
+        if not self.type.affine:
+            return self._on_lattice(_or_kept(least_squares_scale(w, codes - zero[..., None], importance), scale),
+                                    None, group, rows)
+        d, m = _line_or_kept(least_squares_line(w, codes, importance), scale, zero)
+        return self._on_lattice(d, -m, group, rows)
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         scale, zero = per_leading_dims(scale, w), per_leading_dims(zero, w)

@@ -83,11 +83,14 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
         asymmetry = asymmetry.detach().to(device=w_t.device, dtype=torch.float32, copy=True)
         asymmetry[:, dead] = 0
     # Static groups (and the single group of group_size=-1) are fixed by the unpermuted weight.
-    fixed = _contiguous_group_params(w_t.T, config, grid) if config.static_groups or n_groups == 1 else None
+    fixed = (_contiguous_group_params(w_t.T, config, grid, h.diagonal())
+             if config.static_groups or n_groups == 1 else None)
     perm = _quantization_order(h.diagonal(), config, group_size)
     if perm is not None:
         w_t, h = w_t[perm], h[perm[:, None], perm]
         asymmetry = None if asymmetry is None else asymmetry[perm[:, None], perm]
+    # What an error in each column costs (llama.cpp's importance matrix), for grids that weigh it.
+    importance = h.diagonal().clone()
     hinv_upper, damp_percent = _inverse_hessian_factor(h, config.damp_percent)
     if hinv_upper is None:
         reason = (f"Hessian not positive definite even with damping {damp_percent:g} of its mean "
@@ -105,7 +108,7 @@ def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, config: Quantiz
     # GPTAQ's correction, as each quantized column passes it on to the columns after it.
     carry = None if asymmetry is None else GPTAQ_ALPHA * (asymmetry @ hinv_upper.T).triu_(1) @ hinv_upper
     codes_t, scales, zeros, loss = _gptq_columns(w_t, hinv_upper, config, grid, fixed, column_groups.tolist(),
-                                                 n_groups, carry)
+                                                 n_groups, importance, carry)
     if perm is not None:
         codes_t = codes_t[torch.argsort(perm)]
     codes = codes_t.T.to(torch.int32, memory_format=torch.contiguous_format)
@@ -136,12 +139,13 @@ def _quantization_order(diagonal: torch.Tensor, config: QuantizeConfig, group_si
     return torch.cat([ordered, tail])
 
 
-def _gptq_columns(w_t, hinv_upper, config, grid, fixed, column_groups, n_groups, carry=None):
+def _gptq_columns(w_t, hinv_upper, config, grid, fixed, column_groups, n_groups, importance, carry=None):
     """The column loop of `fasterquant` on the transposed weight `w_t [in, out]` (updated in place).
 
     `column_groups[k]`: the group of the k-th column quantized; each group's columns come up
     together. `fixed`: precomputed `(scales, zeros)` per group, or None to compute each group's
-    grid from the updated weights of all its columns when its first column comes up. `carry [in, in]` (GPTAQ): column i also
+    grid from the updated weights of all its columns when its first column comes up, weighting
+    them by `importance [in]` (what an error in each costs; grids that use it). `carry [in, in]` (GPTAQ): column i also
     adds `carry[i, j] * w_i` to each later column j, `w_i` its value when quantized (rows of
     `w_t` keep it, so the lazy block update is exact). Returns codes (as floats, `[in, out]`, in
     quantization order), scales and zeros `[n_groups, out]`, and the summed loss.
@@ -159,7 +163,9 @@ def _gptq_columns(w_t, hinv_upper, config, grid, fixed, column_groups, n_groups,
         for i in range(i2 - i1):
             column, group = i1 + i, column_groups[i1 + i]
             if fixed is None and (column == 0 or column_groups[column - 1] != group):
-                scales[group], zeros[group] = grid.fit(w_t[column:column + group_size].T, group)
+                columns = slice(column, column + group_size)
+                scales[group], zeros[group] = grid.fit(w_t[columns].T, group,
+                                                       importance[columns])
             w, scale, zero = w_t[column], scales[group], zeros[group]
             codes[column] = grid.codes(w, scale, zero)
             q = grid.values(codes[column], scale, zero)
@@ -242,7 +248,7 @@ def rtn(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | No
     _check_finite(weight, "weight")
     w = weight.detach().float()
     grid = grid_for(config).bind(w)
-    scales, zeros = _contiguous_group_params(w, config, grid)
+    scales, zeros = _contiguous_group_params(w, config, grid, None if hessian is None else hessian.diagonal())
     g_idx = torch.arange(in_features, device=w.device) // config.group_size_for(in_features)
     codes = grid.codes(w, scales[g_idx].T, zeros[g_idx].T)
     result = QuantizedWeight(codes.to(torch.int32), scales, _stored_zeros(zeros, grid), g_idx.to(torch.int32),
@@ -253,11 +259,12 @@ def rtn(weight: torch.Tensor, config: QuantizeConfig, hessian: torch.Tensor | No
     return replace(result, loss=float(((delta @ hessian.float().to(w.device)) * delta).sum()) / 2)
 
 
-def _contiguous_group_params(w: torch.Tensor, config: QuantizeConfig, grid):
+def _contiguous_group_params(w: torch.Tensor, config: QuantizeConfig, grid, importance: torch.Tensor | None):
     """`(scales, zeros)`, each `[n_groups, out]`, of contiguous column groups (the last one
-    shorter where group_size does not divide the input)."""
+    shorter where group_size does not divide the input), weighting columns by `importance`."""
     group_size = config.group_size_for(w.shape[1])
-    params = [grid.fit(w[:, start:start + group_size], group)
+    params = [grid.fit(w[:, start:start + group_size], group,
+                       None if importance is None else importance[start:start + group_size].float())
               for group, start in enumerate(range(0, w.shape[1], group_size))]
     return tuple(torch.stack([p[i] for p in params]) for i in range(2))
 
