@@ -3,7 +3,9 @@
 Its buffers carry the checkpoint names (`qweight, qzeros, scales, g_idx, bias`), so a state_dict
 with keys `<module>.qweight` etc. loads as is. Whatever a backend derives from them (converted
 or dequantized weights) is kept outside the state_dict and rebuilt when the buffers move or are
-reloaded.
+reloaded. A backend whose state holds the codes exactly (it has `checkpoint_qweight(layer)`, as
+the CPU int4/int8 kernels) lets the layer drop its `qweight` buffer, so the weight is resident
+once; `state_dict`, `dequantize` and a re-prepare rebuild it from the kernel's state.
 """
 
 from __future__ import annotations
@@ -43,9 +45,29 @@ def planned_backend(device_type: str, bits: int, group_size: int, desc_act: bool
     return rank_backends(kernel_backends(), device_type, bits, group_size, desc_act, dtype, requested=forced)[0]
 
 
+# Hooks are module-level functions, so layers stay picklable.
 def _forget_kernel_after_load(module: "QuantLinear", incompatible_keys) -> None:
-    """load_state_dict post-hook (a module-level function, so layers stay picklable)."""
+    """load_state_dict post-hook: the kernel's state is of the weights before the load."""
     module._forget_kernel()
+
+
+def _qweight_buffer_for_load(module: "QuantLinear", state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: a dropped `qweight` becomes a buffer again, to be loaded into."""
+    if module._buffers["qweight"] is None:
+        module._buffers["qweight"] = module.checkpoint_qweight()
+
+
+def _qweight_into_state_dict(module: "QuantLinear", prefix, keep_vars) -> None:
+    """state_dict pre-hook: the checkpoint's `qweight`, rebuilt if the layer dropped it."""
+    if module._buffers["qweight"] is None:
+        module._buffers["qweight"] = module.checkpoint_qweight()
+        module._rebuilt_for_state_dict = True
+
+
+def _drop_qweight_after_state_dict(module: "QuantLinear", state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: drop again what `_qweight_into_state_dict` rebuilt (the state_dict keeps it)."""
+    if module._rebuilt_for_state_dict:
+        module._buffers["qweight"], module._rebuilt_for_state_dict = None, False
 
 
 class QuantLinear(torch.nn.Module):
@@ -68,7 +90,11 @@ class QuantLinear(torch.nn.Module):
         self.kernel_state = None
         self.requested_backend = None  # name given to post_init, kept across re-prepares
         self._prepared_for = None  # identity of the buffers the kernel state was built from
+        self._rebuilt_for_state_dict = False
+        self.register_load_state_dict_pre_hook(_qweight_buffer_for_load)
         self.register_load_state_dict_post_hook(_forget_kernel_after_load)
+        self.register_state_dict_pre_hook(_qweight_into_state_dict)
+        self.register_state_dict_post_hook(_drop_qweight_after_state_dict)
 
     @classmethod
     def from_quantized(cls, qw, bias: torch.Tensor | None = None,
@@ -106,6 +132,8 @@ class QuantLinear(torch.nn.Module):
         forced = requested_backend(backend or self.requested_backend)
         check_backend(forced)
         self.requested_backend = backend or self.requested_backend
+        if self._buffers["qweight"] is None:  # prepare from the codes, whichever backend comes next
+            self._buffers["qweight"] = self.checkpoint_qweight()
         device_type = self.qweight.device.type
         ranked = rank_backends(kernel_backends(), device_type, self.bits, self.group_size, self.desc_act,
                                self.dtype, requested=forced)
@@ -117,6 +145,8 @@ class QuantLinear(torch.nn.Module):
                 declined.append(f"{candidate.name}: {why}")
                 continue
             self.backend, self.kernel_state = candidate, state
+            if hasattr(candidate, "checkpoint_qweight"):  # the state holds the codes: keep them once
+                self._buffers["qweight"] = None
             self._prepared_for = self._buffers_identity()
             if declined:  # e.g. cpu_int4 on groups no sub-group length divides
                 log.info("gptq_plugins: a %dx%d layer runs on %s; declined: %s", self.out_features,
@@ -127,7 +157,15 @@ class QuantLinear(torch.nn.Module):
 
     def _buffers_identity(self):
         """Changes when the buffers move or are replaced (in-place loads go through the hook)."""
-        return tuple((t.device, t.data_ptr()) for t in (self.qweight, self.qzeros, self.scales, self.g_idx))
+        held = (self._buffers["qweight"], self.qzeros, self.scales, self.g_idx)
+        return tuple((t.device, t.data_ptr()) if t is not None else None for t in held)
+
+    def checkpoint_qweight(self) -> torch.Tensor:
+        """The packed codes: the `qweight` buffer, or rebuilt from the kernel state that holds them."""
+        qweight = self._buffers["qweight"]
+        if qweight is not None:
+            return qweight
+        return self.backend.checkpoint_qweight(self).to(self.qzeros.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend is None or self._prepared_for != self._buffers_identity():
@@ -139,7 +177,7 @@ class QuantLinear(torch.nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """float32 `[out, in]` weight (the reference dequantization)."""
-        return dequantize_packed(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        return dequantize_packed(self.checkpoint_qweight(), self.qzeros, self.scales, self.g_idx, self.bits)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -16,11 +16,12 @@ from gptq_plugins.cpu_features import cpu_features
 
 # rows from which the tiled path runs, per CPU kind, for 1 and 2 codes read per weight
 TILED_FROM_ROWS = {
-    "AVX-512 + bfloat16": {1: 64, 2: 32},  # AMD EPYC Zen 4, 2 cores (benchmarks/results/kernels.json)
-    "AVX2": {1: 64, 2: 32},                # the same CPU with ATEN_CPU_CAPABILITY=avx2
+    "AVX-512 + bfloat16": {1: 96, 2: 64},  # Xeon Sapphire Rapids (AMX), 2 cores (benchmarks/results/kernels.json)
+    "AVX2": {1: 96, 2: 32},                # the same CPU with ATEN_CPU_CAPABILITY=avx2 (oneDNN's GEMM still
+                                           # uses AMX there: a real AVX2 CPU emulates bfloat16, so later)
 }
 # Not measured here (AVX-512 without bfloat16: Skylake/Ice Lake): the AVX2 figures, whose GEMMs
-# also emulate bfloat16.
+# also emulate bfloat16. A Zen 4 (AVX512-BF16, no AMX) takes the Sapphire Rapids figures.
 UNMEASURED_KIND = "AVX2"
 
 

@@ -15,8 +15,9 @@ The op takes one scale per 32/64/128/256 inputs: larger groups (group_size=-1 is
 in_features, a ragged last group is shorter) repeat their scale over sub-groups of a length that
 divides every group. Act-order weights are stored with
 their input columns sorted by group, and each call gathers the activations in that order.
-Calls of many rows skip the op for `tiled_dequant`, which reads the checkpoint tensors
-(`cpu_dispatch` says from how many rows).
+Calls of many rows skip the op for `tiled_dequant` (`cpu_dispatch` says from how many rows).
+Both paths read the op's weight, which holds the codes exactly (`op_layout` reads them back), so
+the layer keeps no other copy: `checkpoint_qweight` rebuilds the checkpoint's `qweight`.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ import torch
 
 from gptq_plugins.kernels.base import BackendUnsupported
 from gptq_plugins.kernels.cpu_dispatch import uses_tiled_dequant
+from gptq_plugins.kernels.op_layout import OP_CODE_OFFSET, block_columns, check_layout, read_codes
 from gptq_plugins.kernels.tiled_dequant import tiled_dequant_matmul
-from gptq_plugins.packing import check_packed, dequantize_packed, unpack_rows, unpack_zeros
+from gptq_plugins.packing import check_packed, dequantize_packed, pack_rows, unpack_rows, unpack_zeros
 
 OP_BITS = (2, 3, 4)  # code widths whose codes fit the op's 4-bit codes
 OP_GROUP_SIZES = (256, 128, 64, 32)  # what the op accepts, largest (fewest scales) first
-OP_CODE_OFFSET = 8  # the op dequantizes (q - 8) * scale + offset
 OP_OUT_MULTIPLE = 16  # the op's packing needs out_features divisible by 16
 INNER_K_TILES = 8  # packing parameter of the CUDA layout; the CPU layout does not depend on it
 # From about this many rows a cached bfloat16 matmul beats the int4 kernel 2-3x (benchmarks/kernels.py).
@@ -79,6 +80,7 @@ def pack_for_op(codes, scale, offset, g_idx, n_groups: int) -> Int4PackedWeight:
         lengths = sorted(set(counts.tolist()))
         raise BackendUnsupported(f"groups of {lengths} columns: the op needs every group's length to be "
                                  f"a multiple of one of {list(OP_GROUP_SIZES)}")
+    check_layout(out_features % block_columns())
     in_order = torch.equal(order, positions)
     if not in_order:
         codes = codes[order]
@@ -86,6 +88,23 @@ def pack_for_op(codes, scale, offset, g_idx, n_groups: int) -> Int4PackedWeight:
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.T.contiguous(), INNER_K_TILES)
     return Int4PackedWeight(packed, scales_and_zeros.contiguous(), op_group_size,
                             None if in_order else order)
+
+
+def op_codes(weight: Int4PackedWeight) -> torch.Tensor:
+    """The op's 4-bit codes, int32 `[op inputs, out]`, in the checkpoint's input order."""
+    codes = read_codes(weight.packed, 0, weight.packed.shape[0]).to(torch.int32)
+    if weight.input_order is None:
+        return codes
+    return torch.empty_like(codes).index_copy_(0, weight.input_order, codes)
+
+
+def int4pack_qweight(weight: Int4PackedWeight, qzeros, g_idx, bits: int) -> torch.Tensor:
+    """The checkpoint's packed `qweight` of a layer converted by `convert_to_int4pack`, exactly."""
+    codes = op_codes(weight)
+    if bits < 4:  # the zero points were moved into the codes
+        zeros = unpack_zeros(qzeros.to(codes.device), bits, codes.shape[1])
+        codes = codes + zeros[g_idx.to(codes.device).long()] - OP_CODE_OFFSET
+    return pack_rows(codes, bits)
 
 
 def int4pack_matmul(x: torch.Tensor, weight: Int4PackedWeight) -> torch.Tensor:
@@ -125,10 +144,12 @@ class CpuInt4Backend:
     def prepare(self, layer) -> Int4PackedWeight:
         return convert_to_int4pack(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits)
 
+    def checkpoint_qweight(self, layer) -> torch.Tensor:
+        return int4pack_qweight(layer.kernel_state, layer.qzeros, layer.g_idx, layer.bits)
+
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         if uses_tiled_dequant(x.shape[0]):
-            return tiled_dequant_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
-                                        torch.bfloat16)
+            return tiled_dequant_matmul(x, layer.kernel_state)
         return int4pack_matmul(x, layer.kernel_state)
 
 
@@ -145,6 +166,9 @@ class CpuInt4PrefillCacheBackend(CpuInt4Backend):
     def prepare(self, layer) -> tuple[Int4PackedWeight, torch.Tensor]:
         dense = dequantize_packed(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits)
         return super().prepare(layer), dense.to(torch.bfloat16)
+
+    def checkpoint_qweight(self, layer) -> torch.Tensor:
+        return int4pack_qweight(layer.kernel_state[0], layer.qzeros, layer.g_idx, layer.bits)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         int4_weight, dense = layer.kernel_state

@@ -8,7 +8,8 @@ rounds once: one call, the int4 kernel's speed per weight, 1 byte per weight res
 int8 weight-only op takes one scale per output channel, not GPTQ's per-group scales and zeros).
 The scale is rounded to bfloat16 as for 2/3/4-bit; the zero-point term `(136 - z) * s` is carried
 by two bfloat16 numbers (16 significant bits), exact for symmetric grids (z = 128: `8 * s`).
-Calls of many rows go to `tiled_dequant` like the other widths (see `cpu_dispatch`).
+Calls of many rows go to `tiled_dequant` like the other widths (see `cpu_dispatch`), which reads
+the same weight; `checkpoint_qweight` rebuilds the checkpoint's `qweight` from it (`16 * hi + lo`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from __future__ import annotations
 import torch
 
 from gptq_plugins.kernels.cpu_dispatch import uses_tiled_dequant
-from gptq_plugins.kernels.cpu_int4 import (OP_CODE_OFFSET, Int4PackedWeight, int4pack_matmul, op_available,
-                                           pack_for_op, supported_group_size)
+from gptq_plugins.kernels.cpu_int4 import (Int4PackedWeight, int4pack_matmul, op_available, op_codes, pack_for_op,
+                                           supported_group_size)
+from gptq_plugins.kernels.op_layout import OP_CODE_OFFSET
 from gptq_plugins.kernels.tiled_dequant import tiled_dequant_matmul
-from gptq_plugins.packing import check_packed, unpack_rows, unpack_zeros
+from gptq_plugins.packing import check_packed, pack_rows, unpack_rows, unpack_zeros
 
 NIBBLE = 16
 CODE_OFFSET = NIBBLE * OP_CODE_OFFSET + OP_CODE_OFFSET  # both nibbles' offset of 8, in 8-bit units
@@ -37,6 +39,12 @@ def convert_to_nibble_pairs(qweight, qzeros, scales, g_idx) -> Int4PackedWeight:
     return pack_for_op(torch.cat([codes >> 4, codes & (NIBBLE - 1)]),
                        torch.cat([scale * NIBBLE, scale]), torch.cat([high_term, low_term]),
                        torch.cat([g_idx, g_idx + n_groups]), 2 * n_groups)
+
+
+def nibble_pairs_qweight(weight: Int4PackedWeight) -> torch.Tensor:
+    """The checkpoint's packed 8-bit `qweight` of a layer converted by `convert_to_nibble_pairs`."""
+    high, low = op_codes(weight).chunk(2)
+    return pack_rows(high * NIBBLE + low, 8)
 
 
 def nibble_pairs_matmul(x: torch.Tensor, weight: Int4PackedWeight) -> torch.Tensor:
@@ -61,8 +69,10 @@ class CpuInt8Backend:
     def prepare(self, layer) -> Int4PackedWeight:
         return convert_to_nibble_pairs(layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
 
+    def checkpoint_qweight(self, layer) -> torch.Tensor:
+        return nibble_pairs_qweight(layer.kernel_state)
+
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         if uses_tiled_dequant(x.shape[0], self.op_weights_per_weight):
-            return tiled_dequant_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 8,
-                                        torch.bfloat16)
+            return tiled_dequant_matmul(x, layer.kernel_state, halves=2)
         return nibble_pairs_matmul(x, layer.kernel_state)

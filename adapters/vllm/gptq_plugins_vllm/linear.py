@@ -161,6 +161,8 @@ class GPTQPluginsLinearMethod(LinearMethodBase):
         for tensor_name in ("qweight", "qzeros", "scales", "g_idx"):
             setattr(core, tensor_name, getattr(layer, tensor_name).data)
         core.post_init()
+        if core.qweight is None:  # the core kernel's state holds the codes: vLLM's copy of them goes
+            layer.qweight = torch.nn.Parameter(torch.empty(0, dtype=torch.int32), requires_grad=False)
         self.core_linear = core
 
     def _vllm_kernel(self, layer: torch.nn.Module):

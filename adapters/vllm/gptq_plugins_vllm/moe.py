@@ -127,6 +127,11 @@ class GPTQPluginsMoEMethod(FusedMoEMethodBase):
                 core.post_init()
                 linears.append(core)
             self.experts.append(tuple(linears))
+        if all(core.qweight is None for linears in self.experts for core in linears):
+            # the core kernels' states hold the codes: vLLM's stacked copies of them go
+            for stack in ("w13", "w2"):
+                setattr(layer, f"{stack}_qweight",
+                        torch.nn.Parameter(torch.empty(0, dtype=torch.int32), requires_grad=False))
 
     def get_fused_moe_quant_config(self, layer):
         return None  # the experts run through the core's kernels, not a vLLM fused-MoE kernel
