@@ -53,6 +53,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/peer_case.py
 	$(PY) benchmarks/vllm_serve.py
+	$(PY) benchmarks/distributed.py
+	$(PY) benchmarks/gguf.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality.py --model reference
 
