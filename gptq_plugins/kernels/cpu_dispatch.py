@@ -16,7 +16,8 @@ from gptq_plugins.cpu_features import cpu_features
 
 # rows from which the tiled path runs, per CPU kind, for 1 and 2 codes read per weight
 TILED_FROM_ROWS = {
-    "AVX-512 + bfloat16": {1: 96, 2: 64},  # Xeon Sapphire Rapids (AMX), 2 cores (benchmarks/results/kernels.json)
+    "AVX-512 + bfloat16": {1: 96, 2: 64},  # Xeon Sapphire Rapids (AMX), 2 cores: two runs of benchmarks/kernels.py
+                                           # gave 96/64 and 128/96 (results/kernels.json: the second)
     "AVX2": {1: 96, 2: 32},                # the same CPU with ATEN_CPU_CAPABILITY=avx2 (oneDNN's GEMM still
                                            # uses AMX there: a real AVX2 CPU emulates bfloat16, so later)
 }
