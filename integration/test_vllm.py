@@ -92,6 +92,7 @@ def run_engines(jobs: list[dict]) -> dict:
                               "quantization": llm.model_config.quantization}
             if tp == 1:
                 results[label]["kernels"] = llm.apply_model(kernel_names)[0]
+                results[label]["qweight_copies"] = llm.apply_model(qweight_copies)[0]
         except Exception as err:  # noqa: BLE001  (the test asserts on the message)
             results[label] = {"error": f"{type(err).__name__}: {err}"}
         finally:
@@ -111,6 +112,19 @@ def kernel_names(model) -> list[str]:
         elif getattr(method, "vllm_kernel", None) is not None:
             names.add(type(method.vllm_kernel).__name__)
     return sorted(names)
+
+
+def qweight_copies(model) -> dict[str, int]:
+    """Of the Linears the core runs, how many still hold the checkpoint's codes beside the kernel
+    state: in vLLM's `qweight` parameter, and in the core layer's buffer."""
+    counts = {"layers": 0, "vllm": 0, "core": 0}
+    for module in model.modules():
+        core = getattr(getattr(module, "quant_method", None), "core_linear", None)
+        if core is not None:
+            counts["layers"] += 1
+            counts["vllm"] += module.qweight.numel() > 0
+            counts["core"] += core.qweight is not None
+    return counts
 
 
 # ----------------------------------------------------------------------------- test side
@@ -257,6 +271,11 @@ def test_greedy_tokens_match_transformers_quantlinear(name, artifacts, served, t
     assert "error" not in result, result
     assert result["quantization"] == "gptq_plugins"
     assert result["kernels"] == quantlinear_kernels(artifacts[name])  # the core's choice, not vLLM's
+    copies = result["qweight_copies"]
+    if set(result["kernels"]) <= {"cpu_int4", "cpu_int8"}:  # their state holds the codes: kept once
+        assert copies["layers"] > 0 and copies["vllm"] == copies["core"] == 0, copies
+    else:  # the dense weight is derived; vLLM and the core share the one qweight they keep
+        assert copies["vllm"] == copies["core"], copies
     assert result["tokens"] == transformers_tokens[name]
 
 

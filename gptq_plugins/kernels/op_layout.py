@@ -36,8 +36,10 @@ def _nibble_stream(packed: torch.Tensor) -> torch.Tensor:
 def _source_of_each_nibble(columns: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(column, input) whose code each nibble of the op's packing of `[columns, PROBE_INPUTS]` holds."""
     column, inputs = torch.meshgrid(torch.arange(columns), torch.arange(PROBE_INPUTS), indexing="ij")
-    read = lambda index: sum(_nibble_stream(_convert((index >> (4 * d)) & (NIBBLE - 1))) << (4 * d)  # noqa: E731
-                             for d in range(2))
+
+    def read(index: torch.Tensor) -> torch.Tensor:  # two base-16 digits, one conversion each
+        return sum(_nibble_stream(_convert((index >> (4 * d)) & (NIBBLE - 1))) << (4 * d) for d in range(2))
+
     return read(column), read(inputs)
 
 
