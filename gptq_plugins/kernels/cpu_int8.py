@@ -19,11 +19,10 @@ import torch
 from gptq_plugins.kernels.cpu_dispatch import uses_tiled_dequant
 from gptq_plugins.kernels.cpu_int4 import (Int4PackedWeight, int4pack_matmul, op_available, op_codes, pack_for_op,
                                            supported_group_size)
-from gptq_plugins.kernels.op_layout import OP_CODE_OFFSET
+from gptq_plugins.kernels.op_layout import NIBBLE, OP_CODE_OFFSET
 from gptq_plugins.kernels.tiled_dequant import tiled_dequant_matmul
 from gptq_plugins.packing import check_packed, pack_rows, unpack_rows, unpack_zeros
 
-NIBBLE = 16
 CODE_OFFSET = NIBBLE * OP_CODE_OFFSET + OP_CODE_OFFSET  # both nibbles' offset of 8, in 8-bit units
 
 
