@@ -53,15 +53,12 @@ def _forget_kernel_after_load(module: "QuantLinear", incompatible_keys) -> None:
 
 def _qweight_buffer_for_load(module: "QuantLinear", state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook: a dropped `qweight` becomes a buffer again, to be loaded into."""
-    if module._buffers["qweight"] is None:
-        module._buffers["qweight"] = module.checkpoint_qweight()
+    module._restore_qweight()
 
 
 def _qweight_into_state_dict(module: "QuantLinear", prefix, keep_vars) -> None:
     """state_dict pre-hook: the checkpoint's `qweight`, rebuilt if the layer dropped it."""
-    if module._buffers["qweight"] is None:
-        module._buffers["qweight"] = module.checkpoint_qweight()
-        module._rebuilt_for_state_dict = True
+    module._rebuilt_for_state_dict = module._restore_qweight()
 
 
 def _drop_qweight_after_state_dict(module: "QuantLinear", state_dict, prefix, local_metadata) -> None:
@@ -132,8 +129,7 @@ class QuantLinear(torch.nn.Module):
         forced = requested_backend(backend or self.requested_backend)
         check_backend(forced)
         self.requested_backend = backend or self.requested_backend
-        if self._buffers["qweight"] is None:  # prepare from the codes, whichever backend comes next
-            self._buffers["qweight"] = self.checkpoint_qweight()
+        self._restore_qweight()  # prepare from the codes, whichever backend comes next
         device_type = self.qweight.device.type
         ranked = rank_backends(kernel_backends(), device_type, self.bits, self.group_size, self.desc_act,
                                self.dtype, requested=forced)
@@ -159,6 +155,13 @@ class QuantLinear(torch.nn.Module):
         """Changes when the buffers move or are replaced (in-place loads go through the hook)."""
         held = (self._buffers["qweight"], self.qzeros, self.scales, self.g_idx)
         return tuple((t.device, t.data_ptr()) if t is not None else None for t in held)
+
+    def _restore_qweight(self) -> bool:
+        """Make `qweight` a buffer again if it was dropped; returns whether it was."""
+        if self._buffers["qweight"] is not None:
+            return False
+        self._buffers["qweight"] = self.checkpoint_qweight()
+        return True
 
     def checkpoint_qweight(self) -> torch.Tensor:
         """The packed codes: the `qweight` buffer, or rebuilt from the kernel state that holds them."""

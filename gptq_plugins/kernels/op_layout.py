@@ -65,17 +65,18 @@ def column_order(columns: int) -> torch.Tensor:
 
 
 @functools.cache
-def _arrangement(columns: int) -> str | torch.Tensor:
+def _arrangement(columns: int) -> str:
     """How a run of `columns` codes sits in its bytes: "halves" (low nibbles hold the first half of
-    the columns, high nibbles the second: PyTorch's whole blocks), "pairs" (byte j holds columns
-    2j and 2j + 1: its shorter blocks), else the order to gather them by."""
+    the columns, high nibbles the second: PyTorch's whole blocks) or "pairs" (byte j holds columns
+    2j and 2j + 1: its shorter blocks); another order raises BackendUnsupported."""
     order = column_order(columns)
     positions = torch.arange(columns)
     if torch.equal(order, positions):
         return "pairs"
     if torch.equal(order, torch.where(positions < columns // 2, 2 * positions, 2 * positions - columns + 1)):
         return "halves"
-    return order
+    raise BackendUnsupported(f"PyTorch's int4 packing orders a block of {columns} columns in a way "
+                             "not known to gptq_plugins")
 
 
 def read_codes(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -89,11 +90,8 @@ def read_codes(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if last == first:
             continue
         runs = packed[first:last].reshape(-1, inputs, columns // 2)  # [blocks, K, bytes of a run]
-        low, high, arrangement = runs & (NIBBLE - 1), runs >> 4, _arrangement(columns)
-        if isinstance(arrangement, str):
-            codes = torch.cat([low, high], -1) if arrangement == "halves" else torch.stack([low, high], -1)
-        else:
-            codes = torch.stack([low, high], -1).view(-1, inputs, columns)[..., arrangement]
+        low, high = runs & (NIBBLE - 1), runs >> 4
+        codes = torch.cat([low, high], -1) if _arrangement(columns) == "halves" else torch.stack([low, high], -1)
         parts.append(codes.transpose(0, 1).reshape(inputs, -1))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
