@@ -25,7 +25,7 @@ DEMO_DIR := demo_out
 # `make demo DEMO_MODEL=tiny`: the random 4-block Llama of the tests instead of SmolLM2-135M (faster).
 DEMO_MODEL ?= smollm2
 
-.PHONY: venv demo test bench bench-quality clean
+.PHONY: venv demo test bench bench-peer bench-quality clean
 
 venv: $(STAMP)
 
@@ -51,12 +51,22 @@ bench: $(STAMP)
 	$(PY) benchmarks/solver.py
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/memory.py
-	$(PY) benchmarks/peer_case.py
 	$(PY) benchmarks/vllm_serve.py
 	$(PY) benchmarks/distributed.py
 	$(PY) benchmarks/gguf.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality.py --model reference
+
+# Side by side with GPTQModel 7.7, which lives in its own venv (about 6 GB, built once; not part of
+# `make test` or `make bench`).
+PEER_VENV := benchmarks/cache/gptqmodel-venv
+$(PEER_VENV)/.installed:
+	python3 -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet gptqmodel==7.7.0
+	touch $@
+
+bench-peer: $(STAMP) $(PEER_VENV)/.installed
+	$(PY) benchmarks/peer_case.py --peer-python $(PEER_VENV)/bin/python
 
 # The perplexity tables of the README: SmolLM2-135M, then the reference model (trained and cached first).
 bench-quality: $(STAMP)
