@@ -14,10 +14,12 @@ from gptq_plugins.calibration import CalibrationError
 from gptq_plugins.capture import BatchContext, StopForward, run_block
 from gptq_plugins.config import QuantizeConfig
 from gptq_plugins.gptaq import UNPAIRED, FloatBlock, Unpaired
+from gptq_plugins.heap import release_free_memory
 from gptq_plugins.hessian import HessianAccumulator, asymmetry_from_sum, hessian_from_sum
 from gptq_plugins.layouts import ModelLayout
 from gptq_plugins.linear_weights import features, read_weight, write_weight
 from gptq_plugins.distributed import SINGLE, solve_cost
+from gptq_plugins.finished_outputs import NO_REUSE, FinishedOutputs, NoReuse
 from gptq_plugins.solver import QuantizedWeight, grid_for, quantize_weight, rtn
 
 log = logging.getLogger("gptq_plugins")
@@ -44,12 +46,14 @@ class InputStatistics:
 
 def _collect_hessians(block, linears: dict[str, torch.nn.Module], hidden, contexts: list[BatchContext], dtype,
                       device, matmul_dtype: torch.dtype = torch.float32, routed: frozenset[str] = frozenset(),
-                      reference: FloatBlock | Unpaired = UNPAIRED) -> dict[str, InputStatistics]:
+                      reference: FloatBlock | Unpaired = UNPAIRED,
+                      reuse: FinishedOutputs | NoReuse = NO_REUSE) -> dict[str, InputStatistics]:
     """Forward every calibration batch through `block`, accumulating each Linear's Hessian.
 
     Linears fed the very same input tensor (q/k/v, gate/up) share one accumulator, so each
     distinct input costs one `X^T X`; once every Linear of the group has seen its input the
-    forward stops, since the rest of the block cannot change these Hessians. The `routed` ones
+    forward stops, since the rest of the block cannot change these Hessians (when the first batch
+    shows one input for the whole group, later batches stop at its first Linear). The `routed` ones
     (experts) run only on the tokens routed to them, possibly none. Each distinct input is also
     paired with the `reference` block's (GPTAQ). Returns `{name: statistics}` (shared ones appear
     under several names; a routed Linear that never ran has none).
@@ -57,6 +61,7 @@ def _collect_hessians(block, linears: dict[str, torch.nn.Module], hidden, contex
     accumulators: dict[str, InputStatistics] = {}
     owners: dict[int, tuple[torch.Tensor, InputStatistics]] = {}  # per batch; keeps inputs alive
     called: set[str] = set()
+    stop_at = None  # the Linear whose input is the whole group's, once the first batch showed it
 
     def hook(name, layer, x):
         if name in called:
@@ -70,26 +75,32 @@ def _collect_hessians(block, linears: dict[str, torch.nn.Module], hidden, contex
             stats.hessian.add(x)
             reference.pair(stats.owner, x)
             owners[id(x)] = (x, stats)
+        if name == stop_at:
+            called.update(linears)
         if len(called) == len(linears):
             raise StopForward
 
     handles = [layer.register_forward_pre_hook(lambda _m, args, name=name, layer=layer: hook(name, layer, args[0]))
                for name, layer in linears.items()]
     try:
-        for context in contexts:
+        for batch, context in enumerate(contexts):
             owners.clear()
             called.clear()
             reference.record_inputs(list(linears), context)
             try:
-                run_block(block, hidden[context.rows], context, dtype, device)
+                with reuse.batch(batch, keep=True):
+                    run_block(block, hidden[context.rows], context, dtype, device)
             except StopForward:
                 pass
             missing = set(linears) - called - routed
             if missing:
                 raise RuntimeError(f"{sorted(missing)} did not run in the block forward")
+            if batch == 0 and len(owners) == 1 and not routed:
+                stop_at = next(iter(owners.values()))[1].owner
     finally:
         for handle in handles:
             handle.remove()
+        release_free_memory()
     return accumulators
 
 
@@ -136,13 +147,15 @@ def _result_from_record(tensors: dict[str, torch.Tensor], meta: dict, config: Qu
 
 def quantize_block(block, index: int, hidden, contexts: list[BatchContext], config: QuantizeConfig,
                    layout: ModelLayout, device, hook, reference: FloatBlock | Unpaired = UNPAIRED,
-                   n_blocks: int = 1, ranks=SINGLE) -> tuple[dict[str, QuantizedWeight], list[dict]]:
+                   n_blocks: int = 1, ranks=SINGLE, reuse: FinishedOutputs | NoReuse = NO_REUSE
+                   ) -> tuple[dict[str, QuantizedWeight], list[dict]]:
     """GPTQ on every Linear of one block (`index` of `n_blocks`), group by group; weights become
     their dequantized values.
 
     `reference` is the block's float copy for GPTAQ (see `gptaq`). With several `ranks` each
     collects Hessians on its own samples, each Linear is solved by its owner (balanced by solve
-    cost) and the result sent to every rank. Returns the solver results by module path and the
+    cost) and the result sent to every rank. `reuse` learns which Linears are done, so that
+    later forwards reuse what finished parts of the block computed. Returns the solver results by module path and the
     report rows.
     """
     dtype = next(block.parameters()).dtype
@@ -155,7 +168,8 @@ def quantize_block(block, index: int, hidden, contexts: list[BatchContext], conf
         linears = {name: block.get_submodule(name) for name in group}
         statistics = _collect_hessians(block, linears, hidden, contexts, dtype, device,
                                        getattr(torch, config.hessian_dtype),
-                                       routed=frozenset(filter(layout.is_expert, group)), reference=reference)
+                                       routed=frozenset(filter(layout.is_expert, group)), reference=reference,
+                                       reuse=reuse)
         owners = ranks.owners({name: solve_cost(features(layer).in_features, features(layer).out_features)
                                for name, layer in linears.items()})
         hessians = _combined_statistics(statistics, linears, owners, reference, ranks)
@@ -189,6 +203,7 @@ def quantize_block(block, index: int, hidden, contexts: list[BatchContext], conf
             if result.fallback:
                 log.warning("%s: %s", path, result.fallback)
             write_weight(layer, approx)
+            reuse.finish(name)
             results[path] = result
             rows.append(row)
             hook.gptq_plugins_layer_quantized(name=path, result=result, record=row)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gptq_plugins.finished_outputs import NO_REUSE
+from gptq_plugins.heap import release_free_memory
+
 CALIBRATION_BATCH = 8
 
 
@@ -96,10 +99,13 @@ def run_block(block, hidden: torch.Tensor, context: BatchContext, dtype, device)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def propagate(block, hidden, contexts, out: torch.Tensor, dtype, device) -> torch.Tensor:
-    """`out` filled with `block`'s outputs for every calibration batch of `hidden`."""
-    for context in contexts:
-        out[context.rows] = run_block(block, hidden[context.rows], context, dtype, device).float().to(out.device)
+def propagate(block, hidden, contexts, out: torch.Tensor, dtype, device, reuse=NO_REUSE) -> torch.Tensor:
+    """`out` filled with `block`'s outputs for every calibration batch of `hidden`; with `reuse`
+    (a `FinishedOutputs`), what finished parts of the block computed before is taken from it."""
+    for batch, context in enumerate(contexts):
+        with reuse.batch(batch, keep=False):
+            out[context.rows] = run_block(block, hidden[context.rows], context, dtype, device).float().to(out.device)
+    release_free_memory()
     return out
 
 

@@ -13,6 +13,7 @@ from gptq_plugins.block_quantization import quantize_block
 from gptq_plugins.capture import CALIBRATION_BATCH, capture_block_inputs, propagate
 from gptq_plugins.config import QuantizeConfig
 from gptq_plugins.distributed import SINGLE
+from gptq_plugins.finished_outputs import NO_REUSE, FinishedOutputs
 from gptq_plugins.gptaq import reference_for
 from gptq_plugins.layouts import ModelLayout
 from gptq_plugins.plugins import get_plugin_manager
@@ -56,10 +57,14 @@ def run_blocks(model, source, layout: ModelLayout, config: QuantizeConfig, calib
             block = source.load(index)
             dtype = next(block.parameters()).dtype
             followed = reference.follow(block)
-            results, rows = quantize_block(block, index, hidden, contexts[index], config, layout, device, hook,
-                                           reference=followed, n_blocks=len(source), ranks=ranks)
-            bar.update(len(rows))
-            out = propagate(block, hidden, contexts[index], store.new(index + 1, hidden.shape), dtype, device)
+            reuse = (FinishedOutputs(block, layout.block_linear_names(index, block))
+                     if config.true_sequential and not store.offload else NO_REUSE)
+            with reuse.installed():
+                results, rows = quantize_block(block, index, hidden, contexts[index], config, layout, device, hook,
+                                               reference=followed, n_blocks=len(source), ranks=ranks, reuse=reuse)
+                bar.update(len(rows))
+                out = propagate(block, hidden, contexts[index], store.new(index + 1, hidden.shape), dtype, device,
+                                reuse)
             reference.advance(index, followed, contexts[index])
             del followed  # GPTAQ's float copy of the block
             if on_block_done is not None:

@@ -165,3 +165,47 @@ def test_the_artifact_records_the_calibration_actually_used(tmp_path):
     read_back = QuantizeConfig.from_quantization_config(
         json.loads((given / "config.json").read_text())["quantization_config"])
     assert read_back.dataset == "token_ids" and read_back.num_samples == 3
+
+
+def _linear_calls(model, names):
+    calls = dict.fromkeys(names, 0)
+
+    def count(name):
+        def hook(_module, _args):
+            calls[name] += 1
+        return hook
+    handles = [model.get_submodule(name).register_forward_pre_hook(count(name)) for name in names]
+    return calls, handles
+
+
+def test_finished_parts_are_not_recomputed_and_the_result_is_unchanged(model_dir, monkeypatch):
+    """After the attention's Linears are done its output is reused: q_proj's input is read (the
+    counted pre-hook) for its Hessian, for o_proj's and for the MLP's input, o_proj's for its own and
+    the MLP's, not again for down_proj's Hessian or the outputs. The group gate/up stops at gate
+    (both read one input, as the first batch shows), so up_proj runs for the first batch's Hessian,
+    then only for down_proj's input and the outputs. Same bits
+    as recomputing every forward."""
+    from transformers import AutoModelForCausalLM
+
+    import gptq_plugins.run_loop as run_loop
+    from gptq_plugins.finished_outputs import NO_REUSE
+
+    ids = torch.arange(20 * 16).view(20, 16) % 50  # 3 calibration batches
+    names = [f"model.layers.0.{name}" for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj")]
+    runs = {}
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(run_loop, "FinishedOutputs", lambda block, linears: NO_REUSE)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        calls, handles = _linear_calls(model, names)
+        results, _ = quantize_modules(model, CONFIG, ids, progress=False)
+        for handle in handles:
+            handle.remove()
+        runs[reuse] = results, calls
+    (reused, reused_calls), (recomputed, recomputed_calls) = runs[True], runs[False]
+    batches = 3
+    assert reused_calls == {names[0]: 3 * batches, names[1]: 2 * batches, names[2]: 2 * batches + 1}
+    assert recomputed_calls == {names[0]: 5 * batches, names[1]: 4 * batches, names[2]: 2 * batches + 1}
+    for path, result in reused.items():
+        assert torch.equal(result.codes, recomputed[path].codes), path
+        assert torch.equal(result.scales, recomputed[path].scales), path
