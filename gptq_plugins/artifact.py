@@ -27,7 +27,6 @@ from gptq_plugins.packing import check_group_indices
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 REPORT_FILE = "quantization_report.json"
-REPORT_PLOT = "quantization_report.png"
 PROGRESS_FILE = "progress.json"
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
 # Files copied from the source model directory when present.
@@ -282,9 +281,6 @@ class ArtifactWriter:
         _write_json(self.tmp_dir / "config.json", config)
         if report is not None:
             _write_json(self.tmp_dir / REPORT_FILE, report)
-            from gptq_plugins.report import plot_report
-
-            plot_report(report, self.tmp_dir / REPORT_PLOT)
         if copy_from is not None:
             for name in COPIED_FILES:
                 src = Path(copy_from) / name

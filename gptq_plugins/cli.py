@@ -126,8 +126,8 @@ def print_summary(model_dir: Path, artifact_dir: Path) -> None:
     if artifact_dir.is_file():
         print(f"GGUF file: {artifact_dir}  (report: its gptq_plugins.report metadata; llama.cpp loads it directly)")
     else:
-        print(f"artifact: {artifact_dir}  (report: {artifact_dir / 'quantization_report.json'}, plot: "
-              f"{artifact_dir / 'quantization_report.png'})")
+        print(f"artifact: {artifact_dir}  (report: {artifact_dir / 'quantization_report.json'}; plot it with "
+              f"`gptq-plugins inspect {artifact_dir} --plot report.png`)")
 
 
 def _inspect_gguf(path: Path, verbose: bool) -> None:
@@ -163,6 +163,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from gptq_plugins.artifact import read_artifact, verify_checksums
 
     if Path(args.artifact).is_file():
+        if args.plot:
+            raise ValueError(f"--plot: {args.artifact} is a file; the plot is drawn from an artifact directory's "
+                             "quantization_report.json")
         _inspect_gguf(Path(args.artifact), args.verbose)
         return
     artifact = read_artifact(args.artifact)
@@ -179,6 +182,28 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.verbose:
         for module in artifact.modules.values():
             print(f"    {module.name}: {module.in_features} -> {module.out_features}, {module.n_groups} groups")
+    if args.plot:
+        _plot(artifact.path, Path(args.plot))
+
+
+def _plot(artifact_dir: Path, out: Path) -> None:
+    """The report's per-layer errors as a PNG at `out`, a new file (drawn on request: matplotlib
+    takes seconds to import, which every quantization would otherwise pay)."""
+    from gptq_plugins.artifact import OutputPathError, read_report
+    from gptq_plugins.report import plot_report
+
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--plot {out}: expected a .png path")
+    if out.exists():
+        raise OutputPathError(f"--plot {out}: already exists; give a new path")
+    report = read_report(artifact_dir)
+    tmp = out.with_name(f".{out.name}.partial.png")
+    try:
+        plot_report(report, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"  plot: {out}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -264,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.set_defaults(handler=lambda a: run_quantize(a.model, a.output, a))
     inspect = sub.add_parser("inspect", help="validate an artifact (or a .gguf file) and describe it")
     inspect.add_argument("artifact")
+    inspect.add_argument("--plot", metavar="PNG", help="also draw the report's per-layer errors into this new file")
     inspect.set_defaults(handler=cmd_inspect)
     convert = sub.add_parser("convert", help="rewrite a checkpoint's quant_method (gptq <-> gptq_plugins); "
                              "tensors are validated and hard-linked, never rewritten")

@@ -3,6 +3,7 @@ tokenizer, and calibration windows sized to the model's context."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ log = logging.getLogger("gptq_plugins")
 
 def load_model(path: str | os.PathLike, *, trust_remote_code: bool = False):
     """The float model and its tokenizer (None when the directory has none) from a local directory."""
+    return load_float_model(path, trust_remote_code=trust_remote_code), load_tokenizer(
+        path, trust_remote_code=trust_remote_code)
+
+
+def load_float_model(path: str | os.PathLike, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The whole float model from a local directory, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -28,7 +35,7 @@ def load_model(path: str | os.PathLike, *, trust_remote_code: bool = False):
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     model.eval()
-    return model, load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return model
 
 
 def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False):
@@ -46,9 +53,16 @@ class SourceModel:
     """The model a run quantizes, with where it came from."""
 
     model: torch.nn.Module
-    tokenizer: object | None
     directory: Path | None  # the model directory, when given one
     checkpoint: SourceCheckpoint | None  # streaming: the safetensors the blocks are read from
+    trust_remote_code: bool = False
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The directory's tokenizer (None without one), loaded only when calibration text needs it."""
+        if self.directory is None:
+            return None
+        return load_tokenizer(self.directory, trust_remote_code=self.trust_remote_code)
 
     def origin(self) -> Path | None:
         """The directory the model came from (also for a model the caller loaded), which its
@@ -60,16 +74,15 @@ class SourceModel:
 def open_source(model_or_path, *, streaming: bool, trust_remote_code: bool = False) -> SourceModel:
     """A loaded model as given, or a model directory: streamed (an empty skeleton) or loaded whole."""
     if not isinstance(model_or_path, (str, os.PathLike)):
-        return SourceModel(model_or_path, None, None, None)
+        return SourceModel(model_or_path, None, None)
     directory = Path(model_or_path)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: not a model directory (no config.json)")
     if not streaming:
-        model, tokenizer = load_model(directory, trust_remote_code=trust_remote_code)
-        return SourceModel(model, tokenizer, directory, None)
-    tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
+        return SourceModel(load_float_model(directory, trust_remote_code=trust_remote_code), directory, None,
+                           trust_remote_code)
     model = empty_model(directory, trust_remote_code=trust_remote_code)
-    return SourceModel(model, tokenizer, directory, SourceCheckpoint(directory, model.base_model_prefix))
+    return SourceModel(model, directory, SourceCheckpoint(directory, model.base_model_prefix), trust_remote_code)
 
 
 def context_length(model) -> int | None:

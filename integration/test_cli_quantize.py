@@ -42,7 +42,7 @@ def artifact(model_dir, tmp_path_factory):
 def test_artifact_files_and_config(artifact, model_dir):
     names = {p.name for p in artifact.iterdir()}
     assert {"config.json", "model.safetensors.index.json", "quantization_report.json",
-            "quantization_report.png", "tokenizer.json", "generation_config.json"} <= names
+            "tokenizer.json", "generation_config.json"} <= names
     qc = json.loads((artifact / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "gptq_plugins" and qc["checkpoint_format"] == "gptq"
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (4, 64, True, False)
@@ -98,6 +98,16 @@ def test_reader_validates_and_inspect_describes(artifact):
     assert art.modules["model.layers.1.mlp.down_proj"].in_features == INTER
     proc = run_cli("inspect", artifact)
     assert "14 quantized modules" in proc.stdout
+
+
+def test_inspect_plots_the_report_into_a_new_file_only(artifact, tmp_path):
+    png = tmp_path / "report.png"
+    proc = run_cli("inspect", artifact, "--plot", png)
+    assert f"plot: {png}" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    again = run_cli("inspect", artifact, "--plot", png, check=False)
+    assert again.returncode != 0 and "already exists" in again.stderr
 
 
 def test_reader_rejects_a_truncated_shard(artifact, tmp_path):
