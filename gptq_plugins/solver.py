@@ -8,6 +8,7 @@ column step reads and updates contiguous memory.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -160,25 +161,42 @@ def _gptq_columns(w_t, hinv_upper, config, grid, fixed, column_groups, n_groups,
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         hinv_block = hinv_upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            column, group = i1 + i, column_groups[i1 + i]
-            if fixed is None and (column == 0 or column_groups[column - 1] != group):
-                columns = slice(column, column + group_size)
-                scales[group], zeros[group] = grid.fit(w_t[columns].T, group,
-                                                       importance[columns])
-            w, scale, zero = w_t[column], scales[group], zeros[group]
-            codes[column] = grid.codes(w, scale, zero)
-            q = grid.values(codes[column], scale, zero)
-            torch.div(w - q, hinv_block[i, i], out=errors[i])
-            w_t[column + 1:i2].addr_(hinv_block[i, i + 1:], errors[i], alpha=-1)
-            if carry is not None:
-                w_t[column + 1:i2].addr_(carry[column, column + 1:i2], w)
+        with column_steps_threads():
+            for i in range(i2 - i1):
+                column, group = i1 + i, column_groups[i1 + i]
+                if fixed is None and (column == 0 or column_groups[column - 1] != group):
+                    columns = slice(column, column + group_size)
+                    scales[group], zeros[group] = grid.fit(w_t[columns].T, group,
+                                                           importance[columns])
+                w, scale, zero = w_t[column], scales[group], zeros[group]
+                codes[column] = grid.codes(w, scale, zero)
+                q = grid.values(codes[column], scale, zero)
+                torch.div(w - q, hinv_block[i, i], out=errors[i])
+                w_t[column + 1:i2].addr_(hinv_block[i, i + 1:], errors[i], alpha=-1)
+                if carry is not None:
+                    w_t[column + 1:i2].addr_(carry[column, column + 1:i2], w)
         block_errors = errors[:i2 - i1]
         loss += block_errors.square().sum() / 2
         w_t[i2:].addmm_(hinv_upper[i1:i2, i2:].T, block_errors, alpha=-1)
         if carry is not None:
             w_t[i2:].addmm_(carry[i1:i2, i2:].T, w_t[i1:i2])
     return codes, scales, zeros, float(loss)
+
+
+@contextlib.contextmanager
+def column_steps_threads():
+    """One thread for the per-column steps; the lazy-block GEMMs between them keep them all.
+
+    A column step's operations are too small to share: each would wait on the slowest thread (on a
+    loaded machine, one sharing its core). Measured at 2 threads (AMD EPYC Zen 4): a 4096 x 4096
+    layer solves in 1.52 s instead of 1.83 s idle, 2.98 s instead of 4.44 s beside a busy process.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _aligned_block_size(block_size: int, group_size: int) -> int:
