@@ -11,8 +11,9 @@ damp 0.05, RTN fallback for weakly calibrated modules, bfloat16 loading, auto de
 explicitly. Calibration is token ids (no tokenizer needed). It writes a standard GPTQ checkpoint
 (`quant_method` gptq, `checkpoint_format` gptq) to OUT_DIR and prints one JSON line:
 {"quantize_seconds", "gptqmodel", "torch", "settings"}; `quantize_seconds` times `quantize()` only.
-Threads: torch.set_num_threads(N), and GPTQMODEL_CPU_WORKERS, OMP_NUM_THREADS, MKL_NUM_THREADS = N
-set before import (GPTQModel's own CPU worker default is half the cores).
+Threads: torch.set_num_threads(N), and OMP_NUM_THREADS, MKL_NUM_THREADS = N set before import;
+GPTQMODEL_CPU_WORKERS = max(N, 2) (its own default is half the cores, and 7.7.0 refuses 1: its
+model-loader pool asks for 2 workers), so at N = 1 its compute still runs on one thread.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def main() -> None:
     # GPTQModel writes a ./logs/gptq_log_*.log per run: run in a scratch folder, not the caller's.
     scratch = tempfile.TemporaryDirectory(prefix="peer_gptqmodel_")
     os.chdir(scratch.name)
-    for name in ("GPTQMODEL_CPU_WORKERS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(args.threads)
+    os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(args.threads, 2))
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(name, "1")
     # GPTQModel prints its banner, logs and progress bars on stdout: send them to stderr so that
