@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import MISSING
 from pathlib import Path
 
@@ -197,7 +198,10 @@ def _plot(artifact_dir: Path, out: Path) -> None:
     if out.exists():
         raise OutputPathError(f"--plot {out}: already exists; give a new path")
     report = read_report(artifact_dir)
-    tmp = out.with_name(f".{out.name}.partial.png")
+    # A fresh name of our own (never a file the user has), so the cleanup removes only what we wrote.
+    handle, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial.png", dir=out.parent)
+    os.close(handle)
+    tmp = Path(name)
     try:
         plot_report(report, tmp)
         os.replace(tmp, out)
