@@ -154,9 +154,9 @@ def quantize_block(block, index: int, hidden, contexts: list[BatchContext], conf
 
     `reference` is the block's float copy for GPTAQ (see `gptaq`). With several `ranks` each
     collects Hessians on its own samples, each Linear is solved by its owner (balanced by solve
-    cost) and the result sent to every rank. `reuse` learns which Linears are done, so that
-    later forwards reuse what finished parts of the block computed. Returns the solver results by module path and the
-    report rows.
+    cost) and the result sent to every rank. `reuse` learns which Linears are done, so that later
+    forwards reuse what finished parts of the block computed. Returns the solver results by
+    module path and the report rows.
     """
     dtype = next(block.parameters()).dtype
     results: dict[str, QuantizedWeight] = {}

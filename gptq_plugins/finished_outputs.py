@@ -24,9 +24,9 @@ class FinishedOutputs:
 
     def __init__(self, block: torch.nn.Module, linear_names: list[str]):
         self.block = block
-        self.pending = {name: {linear for linear in linear_names if linear.startswith(name + ".")}
-                        for name, _ in block.named_children()}
-        self.pending = {name: linears for name, linears in self.pending.items() if linears}
+        inside = {name: {linear for linear in linear_names if linear.startswith(name + ".")}
+                  for name, _ in block.named_children()}
+        self.pending = {name: linears for name, linears in inside.items() if linears}  # Linears not yet done
         self.outputs: dict[str, dict] = {name: {} for name in self.pending}
         self.key, self.keep = None, False
 
